@@ -1,0 +1,1 @@
+"""Evaluation: FLOPs and parameter counts, few-shot probing, capacity sweeps."""

@@ -1,0 +1,122 @@
+"""What a model is, as data: the dataclasses a recipe's `model:` section fills.
+
+Every field has a default and a comment; `vmoe_cli.config` turns YAML into these
+and rejects unknown keys, so the field names here are the recipe's vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vmoe_cli.errors import VmoeError
+from vmoe_cli.models.presets import parse_variant
+
+
+@dataclass
+class MoEConfig:
+    """The MoE blocks: where they go, how tokens are routed, what the router pays."""
+
+    layers: str | list[int] = "every-2"  # "every-N" (blocks N-1, 2N-1, ...), "last-N" (last N odd blocks) or 0-based list
+    num_experts: int = 8  # E
+    k: int = 2  # experts selected per token
+    capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`
+    capacity: int | None = None  # fixed C per expert per group, instead of cf
+    capacity_multiple: int = 4  # C rounded up to a multiple of this (1 = no rounding)
+    group_images: int = 8  # images per routing group (all their tokens, CLS included)
+    bpr: bool = False  # Batch Priority Routing: place tokens by descending top-1 gate
+    noise_std: float = 1.0  # training noise on router logits has std noise_std / E; none at evaluation
+    expert_init: Literal["identical", "independent"] = "identical"  # paper: every expert starts the same
+    expert_dropout: float = 0.0  # dropout inside the experts (official S/32 configs use 0.2)
+    importance_weight: float = 0.005  # importance auxiliary loss
+    load_weight: float = 0.005  # load auxiliary loss (only when noise is on)
+    gshard_weight: float = 0.0  # GShard load-balancing loss
+    zloss_weight: float = 0.0  # ST-MoE router z-loss
+
+    def validate(self, depth: int) -> None:
+        """Raise VmoeError naming the key when the settings cannot work for `depth` blocks."""
+        if self.num_experts < 1:
+            raise VmoeError("model.moe.num_experts must be >= 1")
+        if not 1 <= self.k <= self.num_experts:
+            raise VmoeError(f"model.moe.k must be between 1 and num_experts={self.num_experts}, got {self.k}")
+        if (self.capacity is None) == (self.capacity_factor is None):
+            raise VmoeError("set exactly one of model.moe.capacity_factor and model.moe.capacity (the other to null)")
+        if self.capacity is not None and self.capacity < 1:
+            raise VmoeError(f"model.moe.capacity must be >= 1, got {self.capacity}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise VmoeError(f"model.moe.capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.capacity_multiple < 1:
+            raise VmoeError("model.moe.capacity_multiple must be >= 1 (1 turns rounding off)")
+        if self.group_images < 1:
+            raise VmoeError("model.moe.group_images must be >= 1")
+        moe_layer_indices(self.layers, depth)
+
+
+@dataclass
+class ModelConfig:
+    """A ViT, or a V-MoE when `moe` is set."""
+
+    variant: str = "S/16"  # "SIZE/PATCH", sizes in models/presets.py (Ti, S, B, L, H, vmoe-S, nano, micro)
+    image_size: int = 224  # input height = width, a multiple of the patch size
+    channels: int = 3  # input channels
+    num_classes: int = 1000  # head outputs; 0 = no head (features only)
+    pool: Literal["cls", "gap"] = "cls"  # CLS token, or mean of the patch tokens
+    representation_size: int | None = None  # pre-logits Dense+tanh width; null = none
+    depth: int | None = None  # override the variant's number of blocks
+    width: int | None = None  # override the variant's token width D
+    mlp_dim: int | None = None  # override the variant's MLP hidden size H
+    heads: int | None = None  # override the variant's attention heads
+    dropout: float = 0.0  # dropout after attention and MLP outputs
+    layer_norm_eps: float = 1e-6  # as the official JAX models
+    gelu: Literal["tanh", "exact"] = "tanh"  # tanh approximation, as flax.linen.gelu
+    moe: MoEConfig | None = None  # null = dense ViT
+
+    def sizes(self) -> tuple[int, int, int, int, int]:
+        """(depth, width, mlp_dim, heads, patch) after applying the overrides to the variant."""
+        size, patch = parse_variant(self.variant)
+        return (
+            self.depth or size.depth,
+            self.width or size.width,
+            self.mlp_dim or size.mlp_dim,
+            self.heads or size.heads,
+            patch,
+        )
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Patches plus the CLS token when pooling by CLS."""
+        patch = self.sizes()[4]
+        return (self.image_size // patch) ** 2 + (self.pool == "cls")
+
+    def moe_layers(self) -> list[int]:
+        """0-based indices of the blocks whose MLP is an MoE (empty for a dense ViT)."""
+        return [] if self.moe is None else moe_layer_indices(self.moe.layers, self.sizes()[0])
+
+    def validate(self) -> None:
+        """Raise VmoeError naming the key when the model cannot be built."""
+        depth, width, _, heads, patch = self.sizes()
+        if self.image_size % patch:
+            raise VmoeError(f"model.image_size={self.image_size} is not a multiple of the patch size {patch}")
+        if width % heads:
+            raise VmoeError(f"model width {width} is not divisible by heads={heads}")
+        if self.moe is not None:
+            self.moe.validate(depth)
+
+
+def moe_layer_indices(spec: str | list[int], depth: int) -> list[int]:
+    """Resolve "every-N", "last-N" or an explicit list into sorted 0-based block indices."""
+    if isinstance(spec, list):
+        bad = [i for i in spec if not 0 <= i < depth]
+        if bad:
+            raise VmoeError(f"model.moe.layers has blocks {bad} outside 0..{depth - 1}")
+        return sorted(set(spec))
+    kind, _, num = spec.partition("-")
+    if kind not in ("every", "last") or not num.isdigit() or int(num) < 1:
+        raise VmoeError(f"model.moe.layers={spec!r}: use 'every-N', 'last-N' or a list of block indices")
+    n = int(num)
+    if kind == "every":
+        return list(range(n - 1, depth, n))
+    odd = list(range(1, depth, 2))
+    if n > len(odd):
+        raise VmoeError(f"model.moe.layers={spec!r}: only {len(odd)} odd blocks in a {depth}-block model")
+    return odd[-n:]

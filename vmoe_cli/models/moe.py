@@ -1,0 +1,121 @@
+"""The MoE MLP block: router -> dispatch into expert buffers -> stacked experts -> combine.
+
+Shape letters: B images, N tokens per image, G groups, S tokens per group, D width,
+H expert hidden size, E experts, K choices per token, C capacity.
+
+Experts are stacked tensors with the expert axis first (`[E, D, H]`, `[E, H, D]`) and run
+as one batched matmul over fixed `[E, G*C, D]` buffers. Dispatch fills the buffers with
+one gather of token rows; combine gathers each token's K output rows back and sums them
+weighted by the router's gates. Nothing of size tokens x E x C is ever built, unlike
+one-hot einsum dispatch, and the buffers' size is known before the data arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmoe_cli.models.config import MoEConfig
+from vmoe_cli.models.routing import Plan, RouterOutput, TokenChoiceRouter
+
+
+def group_images(batch: int, max_images: int) -> int:
+    """Images per routing group: the largest divisor of `batch` not above `max_images`.
+
+    Groups must be equal so that every group gets the same capacity; a batch that does
+    not divide (the last evaluation batch, a latency run of 1 image) gets smaller groups.
+    """
+    return next(g for g in range(min(batch, max_images), 0, -1) if batch % g == 0)
+
+
+def buffer_rows(plan: Plan) -> Tensor:
+    """Flat row of each assignment in the `[E, G, C]` buffers; dropped ones get row E*G*C.  [G, S, K]"""
+    G = plan.expert_GSK.shape[0]
+    group_G11 = torch.arange(G, device=plan.expert_GSK.device).view(G, 1, 1)
+    row_GSK = (plan.expert_GSK * G + group_G11) * plan.capacity + plan.slot_GSK
+    return torch.where(plan.kept_GSK, row_GSK, plan.num_experts * G * plan.capacity)
+
+
+def dispatch(x_GSD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
+    """Gather each buffer slot's token: `[G, S, D]` -> `[E, G*C, D]`; empty slots read a zero row."""
+    G, S, D = x_GSD.shape
+    E, C, K = plan.num_experts, plan.capacity, row_GSK.shape[-1]
+    token_GSK = torch.arange(G * S, device=x_GSD.device).view(G, S, 1).expand(G, S, K)
+    # Which token fills each slot; G*S (the zero row) where none does. Dropped choices write
+    # to one spare entry past the end, which is cut off.
+    source = torch.full((E * G * C + 1,), G * S, device=x_GSD.device)
+    source = source.scatter_(0, row_GSK.flatten(), token_GSK.flatten())[:-1]
+    x_padded = torch.cat([x_GSD.reshape(G * S, D), x_GSD.new_zeros(1, D)])  # [G*S + 1, D]
+    return x_padded.index_select(0, source).view(E, G * C, D)
+
+
+def combine(out_ECD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
+    """Each token's gate-weighted sum of its expert outputs: `[E, G*C, D]` -> `[G, S, D]`.
+
+    A dropped choice gets weight 0, so a token dropped by all its experts gets zero.
+    """
+    E, GC, D = out_ECD.shape
+    G, S, K = row_GSK.shape
+    rows = out_ECD.reshape(E * GC, D).index_select(0, row_GSK.clamp(max=E * GC - 1).flatten())
+    weight_GSK = (plan.weight_GSK * plan.kept_GSK).to(rows.dtype)
+    y_GSD = torch.einsum("gsk,gskd->gsd", weight_GSK, rows.view(G, S, K, D))
+    return y_GSD
+
+
+class Experts(nn.Module):
+    """E two-layer GELU MLPs stored stacked, applied to `[E, rows, D]` by batched matmuls."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, gelu: str, dropout: float, init: str):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.empty(num_experts, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, 1, dim))
+        self.approximate = "tanh" if gelu == "tanh" else "none"
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters(identical=init == "identical")
+
+    @torch.no_grad()
+    def reset_parameters(self, identical: bool) -> None:
+        """Xavier-uniform kernels and tiny normal biases (as the JAX ViT); identical or per expert."""
+        for w in (self.w1, self.w2):
+            for w_e in w:
+                nn.init.xavier_uniform_(w_e)
+        for b in (self.b1, self.b2):
+            nn.init.normal_(b, std=1e-6)
+        if identical:  # the paper: every expert starts as a copy of the first
+            for p in self.parameters():
+                p.copy_(p[:1].clone().expand_as(p))
+
+    def forward(self, x_ERD: Tensor) -> Tensor:
+        h_ERH = F.gelu(torch.baddbmm(self.b1, x_ERD, self.w1), approximate=self.approximate)
+        return self.dropout(torch.baddbmm(self.b2, self.dropout(h_ERH), self.w2))
+
+
+@dataclass
+class MoEOutput:
+    y: Tensor  # [B, N, D]
+    routing: RouterOutput
+
+
+class MoEMlp(nn.Module):
+    """Drop-in replacement of a block's MLP: routes groups of images' tokens to E experts."""
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, gelu: str = "tanh"):
+        super().__init__()
+        self.cfg = cfg
+        self.router = TokenChoiceRouter(dim, cfg)
+        self.experts = Experts(cfg.num_experts, dim, hidden, gelu, cfg.expert_dropout, cfg.expert_init)
+
+    def forward(self, x_BND: Tensor) -> MoEOutput:
+        B, N, D = x_BND.shape
+        G = B // group_images(B, self.cfg.group_images)
+        x_GSD = x_BND.reshape(G, -1, D)  # each group: all tokens of consecutive images
+        routing = self.router(x_GSD)
+        row_GSK = buffer_rows(routing.plan)
+        out_ECD = self.experts(dispatch(x_GSD, routing.plan, row_GSK))
+        y_GSD = combine(out_ECD, routing.plan, row_GSK)
+        return MoEOutput(y=y_GSD.reshape(B, N, D), routing=routing)

@@ -1,0 +1,172 @@
+"""Routers: which buffer slot of which expert each token goes to, and with what weight.
+
+Shape letters: G groups, S tokens per group, D token width, E experts, K choices per
+token, C capacity (slots per expert per group).
+
+A router returns a `Plan`: for each token of each group, K assignments, each sending the
+token to slot `slot_GSK` of expert `expert_GSK` with combine weight `weight_GSK`. A slot
+>= C is a dropped assignment. The MoE block (models/moe.py) turns a plan into fixed-size
+`[E, G*C, D]` buffers by one gather and back by one gather and weighted sum.
+
+Routing arithmetic runs in float32 whatever the model's precision, and nothing here
+synchronises with the host (no `.item()`, no boolean indexing), so the block can later
+exchange its buffers between ranks with one all_to_all of equal splits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmoe_cli.errors import VmoeError
+from vmoe_cli.models.config import MoEConfig
+
+
+def capacity(tokens_to_place: int, num_experts: int, capacity_factor: float | None = None,
+             fixed: int | None = None, multiple: int = 4) -> int:
+    """C = ceil(tokens_to_place * cf / E) rounded up to `multiple`, or the fixed C."""
+    if fixed is not None:
+        c = fixed
+    else:
+        c = math.ceil(tokens_to_place * capacity_factor / num_experts)
+        c += -c % multiple
+    if c < 1:
+        raise VmoeError(f"expert capacity is {c} (< 1): raise the capacity factor or set a fixed capacity")
+    return c
+
+
+@dataclass
+class Plan:
+    """A routing plan for one MoE layer (see the module docstring)."""
+
+    expert_GSK: Tensor  # long, expert of each of a token's K assignments
+    slot_GSK: Tensor  # long, buffer slot within that expert; >= capacity means dropped
+    weight_GSK: Tensor  # float32, combine weight (carries the router's gradient)
+    capacity: int  # C
+    num_experts: int  # E
+
+    @property
+    def kept_GSK(self) -> Tensor:
+        return self.slot_GSK < self.capacity
+
+
+@dataclass
+class RouterOutput:
+    plan: Plan
+    aux_loss: Tensor  # scalar, already weighted, to add to the task loss
+    metrics: dict[str, Tensor]  # detached scalars or [E] vectors, for logging
+
+
+def importance_loss(gates_GSE: Tensor) -> Tensor:
+    """(std / mean)^2 of per-expert summed gates, population std, averaged over groups."""
+    importance_GE = gates_GSE.sum(dim=1)
+    return _cv_squared(importance_GE)
+
+
+def load_loss(logits_GSE: Tensor, noisy_logits_GSE: Tensor, sigma: float, k: int) -> Tensor:
+    """(std / mean)^2 of each expert's probability of being selected under fresh noise.
+
+    A token picks expert e when its clean logit plus noise beats the token's K-th largest
+    noisy logit: p = 1 - Phi((threshold - logit) / sigma), averaged over tokens.
+    """
+    threshold_GS1 = noisy_logits_GSE.topk(k, dim=-1).values[..., -1:]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    p_GSE = 1.0 - normal.cdf((threshold_GS1 - logits_GSE) / sigma)
+    return _cv_squared(p_GSE.mean(dim=1))
+
+
+def gshard_loss(gates_GSE: Tensor) -> Tensor:
+    """E^2 * mean_e(mean gate_e * fraction of tokens whose top-1 is e), averaged over groups."""
+    num_experts = gates_GSE.shape[-1]
+    top1_GSE = F.one_hot(gates_GSE.argmax(dim=-1), num_experts).to(gates_GSE.dtype)
+    per_group = (gates_GSE.mean(dim=1) * top1_GSE.mean(dim=1)).mean(dim=-1)
+    return num_experts**2 * per_group.mean()
+
+
+def z_loss(logits_GSE: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean squared log-sum-exp of the logits."""
+    return torch.logsumexp(logits_GSE, dim=-1).square().mean()
+
+
+def _cv_squared(values_GE: Tensor) -> Tensor:
+    mean_G = values_GE.mean(dim=-1)
+    var_G = values_GE.var(dim=-1, unbiased=False)
+    return (var_G / mean_G.square()).mean()
+
+
+def _load_metrics(placed_GE: Tensor, capacity_: int) -> dict[str, Tensor]:
+    """Per-expert load (tokens placed / C) and the normalised entropy of the placements."""
+    load_E = placed_GE.float().mean(dim=0) / capacity_
+    share_E = placed_GE.float().sum(dim=0) / placed_GE.sum().clamp(min=1)
+    entropy = -(share_E * share_E.clamp(min=1e-12).log()).sum()
+    num_experts = placed_GE.shape[-1]
+    return {"expert_load": load_E, "load_entropy": entropy / math.log(num_experts) if num_experts > 1 else entropy}
+
+
+class TokenChoiceRouter(nn.Module):
+    """The V-MoE router: noisy top-K softmax gating with capacity and optional BPR.
+
+    Slots are handed out rank by rank (every token's first choice before any second
+    choice); within a rank tokens go in group order, or by descending top-1 gate with
+    Batch Priority Routing. Ties go to the lower expert index and the BPR sort is stable.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg  # shared with the model, so K / capacity / BPR can change at inference
+        self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
+
+    def forward(self, x_GSD: Tensor) -> RouterOutput:
+        cfg = self.cfg
+        G, S, _ = x_GSD.shape
+        E, K = cfg.num_experts, cfg.k
+        C = capacity(S * K, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+
+        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
+        noisy = self.training and cfg.noise_std > 0
+        sigma = cfg.noise_std / E
+        noisy_logits_GSE = logits_GSE + sigma * torch.randn_like(logits_GSE) if noisy else logits_GSE
+        gates_GSE = noisy_logits_GSE.softmax(dim=-1)
+
+        # Top-K with ties to the lower expert index: a stable descending sort keeps index order.
+        sorted_gates, sorted_experts = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
+        weight_GSK, expert_GSK = sorted_gates[..., :K], sorted_experts[..., :K]
+        expert_GKS = expert_GSK.transpose(1, 2)
+
+        # Priority order of the tokens within each rank: group order, or BPR's stable sort.
+        if cfg.bpr:
+            order_GS = torch.sort(weight_GSK[..., 0], dim=-1, descending=True, stable=True).indices
+            order_GKS = order_GS.unsqueeze(1).expand(G, K, S)
+            expert_GKS_prio = expert_GKS.gather(2, order_GKS)
+        else:
+            expert_GKS_prio = expert_GKS
+        # A choice's slot = number of earlier choices (in priority order) for the same expert.
+        onehot_GAE = F.one_hot(expert_GKS_prio.reshape(G, K * S), E)  # [G, K*S, E], tokens x E only
+        seen_GAE = onehot_GAE.cumsum(dim=1)
+        slot_GKS = (seen_GAE.gather(2, expert_GKS_prio.reshape(G, K * S, 1)) - 1).view(G, K, S)
+        if cfg.bpr:  # back from priority order to group order
+            slot_GKS = torch.empty_like(slot_GKS).scatter_(2, order_GKS, slot_GKS)
+
+        plan = Plan(expert_GSK, slot_GKS.transpose(1, 2), weight_GSK, capacity=C, num_experts=E)
+
+        clean_gates_GSE = logits_GSE.softmax(dim=-1)
+        losses = {"importance_loss": importance_loss(clean_gates_GSE), "gshard_loss": gshard_loss(clean_gates_GSE)}
+        aux = cfg.importance_weight * losses["importance_loss"] + cfg.gshard_weight * losses["gshard_loss"]
+        if noisy:
+            losses["load_loss"] = load_loss(logits_GSE, noisy_logits_GSE, sigma, K)
+            aux = aux + cfg.load_weight * losses["load_loss"]
+        if cfg.zloss_weight:
+            losses["z_loss"] = z_loss(logits_GSE)
+            aux = aux + cfg.zloss_weight * losses["z_loss"]
+
+        dropped_GSK = ~plan.kept_GSK
+        with torch.no_grad():
+            metrics = {name: value.detach() for name, value in losses.items()}
+            metrics["dropped_all"] = dropped_GSK.all(dim=-1).float().mean()
+            metrics["dropped_any"] = dropped_GSK.any(dim=-1).float().mean()
+            metrics.update(_load_metrics(seen_GAE[:, -1].clamp(max=C), C))
+        return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics)

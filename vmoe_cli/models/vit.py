@@ -1,0 +1,171 @@
+"""Vision Transformer and V-MoE, read top to bottom: attention, MLP, block, model.
+
+Shape letters: B images, N tokens per image, D width, H MLP hidden size, P patch size.
+A V-MoE is a ViT whose chosen blocks have an MoE MLP (models/moe.py) instead of a dense one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmoe_cli.models.config import ModelConfig
+from vmoe_cli.models.moe import MoEMlp
+from vmoe_cli.models.routing import RouterOutput
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_BND: Tensor) -> Tensor:
+        B, N, D = x_BND.shape
+        qkv = self.qkv(x_BND).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, h, N, D/h]
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, h, N, D/h]
+        y = y.transpose(1, 2).reshape(B, N, D)
+        return self.dropout(self.proj(y))
+
+
+class Mlp(nn.Module):
+    """The dense two-layer GELU MLP of a transformer block."""
+
+    def __init__(self, dim: int, hidden: int, gelu: str, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = "tanh" if gelu == "tanh" else "none"
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dropout(F.gelu(self.fc1(x), approximate=self.approximate))
+        return self.dropout(self.fc2(h))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm encoder block: x += Attn(LN(x)); x += MLP-or-MoE(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        _, dim, hidden, heads, _ = cfg.sizes()
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(dim, heads, cfg.dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = MoEMlp(dim, hidden, cfg.moe, cfg.gelu) if moe else Mlp(dim, hidden, cfg.gelu, cfg.dropout)
+
+    def forward(self, x_BND: Tensor) -> tuple[Tensor, RouterOutput | None]:
+        x_BND = x_BND + self.attn(self.norm1(x_BND))
+        out = self.mlp(self.norm2(x_BND))
+        if isinstance(self.mlp, MoEMlp):
+            return x_BND + out.y, out.routing
+        return x_BND + out, None
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor | None  # [B, num_classes], None when the model has no head
+    pre_logits: Tensor  # [B, D or representation_size]: the features few-shot probes use
+    aux_loss: Tensor  # scalar: the routers' weighted auxiliary losses summed over MoE blocks
+    routing: dict[int, RouterOutput] = field(default_factory=dict)  # block index -> its routing
+
+
+class VisionTransformer(nn.Module):
+    """ViT / V-MoE: patches -> +pos -> blocks -> LayerNorm -> pool -> [Dense+tanh] -> head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        depth, dim, _, _, patch = cfg.sizes()
+        grid = cfg.image_size // patch
+        self.patch_embed = nn.Conv2d(cfg.channels, dim, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + (cfg.pool == "cls"), dim) * 0.02)
+        moe_layers = set(cfg.moe_layers())
+        self.blocks = nn.ModuleList(Block(cfg, moe=i in moe_layers) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        rep = cfg.representation_size
+        self.pre_logits = nn.Sequential(nn.Linear(dim, rep), nn.Tanh()) if rep else nn.Identity()
+        self.head = nn.Linear(rep or dim, cfg.num_classes) if cfg.num_classes else None
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """JAX ViT init: lecun-normal patch embedding, xavier Linear kernels, zero head."""
+        fan_in = self.patch_embed.weight[0].numel()
+        nn.init.trunc_normal_(self.patch_embed.weight, std=(1.0 / fan_in) ** 0.5)
+        nn.init.zeros_(self.patch_embed.bias)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.head:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.normal_(module.bias, std=1e-6)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def embed(self, images_BCHW: Tensor) -> Tensor:
+        """Images -> tokens with position embeddings, CLS first: `[B, N, D]`."""
+        x_BDhw = self.patch_embed(images_BCHW)
+        x_BND = x_BDhw.flatten(2).transpose(1, 2)  # patches row-major over the grid
+        if self.cls_token is not None:
+            x_BND = torch.cat([self.cls_token.expand(x_BND.shape[0], -1, -1), x_BND], dim=1)
+        return x_BND + self.pos_embed
+
+    def head_from_tokens(self, x_BND: Tensor, aux_loss: Tensor, routing: dict[int, RouterOutput]) -> ModelOutput:
+        """Final LayerNorm, pooling, representation layer and head on the last block's tokens."""
+        x_BND = self.norm(x_BND)
+        pooled_BD = x_BND[:, 0] if self.cfg.pool == "cls" else x_BND.mean(dim=1)
+        pre_logits = self.pre_logits(pooled_BD)
+        logits = self.head(pre_logits) if self.head is not None else None
+        return ModelOutput(logits=logits, pre_logits=pre_logits, aux_loss=aux_loss, routing=routing)
+
+    def run_blocks(self, x_BND: Tensor, start: int = 0) -> tuple[Tensor, Tensor, dict[int, RouterOutput]]:
+        """Blocks `start..depth-1` on tokens; returns tokens, summed aux loss, routing per MoE block.
+
+        Starting later than 0 lets a capacity sweep reuse the dense blocks' output.
+        """
+        aux_loss = x_BND.new_zeros((), dtype=torch.float32)
+        routing: dict[int, RouterOutput] = {}
+        for i in range(start, len(self.blocks)):
+            x_BND, route = self.blocks[i](x_BND)
+            if route is not None:
+                routing[i] = route
+                aux_loss = aux_loss + route.aux_loss
+        return x_BND, aux_loss, routing
+
+    def forward(self, images_BCHW: Tensor) -> ModelOutput:
+        x_BND, aux_loss, routing = self.run_blocks(self.embed(images_BCHW))
+        return self.head_from_tokens(x_BND, aux_loss, routing)
+
+    def set_routing(self, **changes: object) -> None:
+        """Change K, capacity factor / capacity, rounding, group size or BPR in place, weights untouched.
+
+        All MoE blocks share `cfg.moe`, so one change reaches every router.
+        """
+        moe = self.cfg.moe
+        if moe is None:
+            raise ValueError("set_routing needs a V-MoE; this model is dense")
+        for name, value in changes.items():
+            if name not in ("k", "capacity_factor", "capacity", "capacity_multiple", "group_images", "bpr"):
+                raise ValueError(f"{name} is not an inference-time routing setting")
+            setattr(moe, name, value)
+        self.cfg.validate()
+
+
+def resize_pos_embed(pos_embed: Tensor, new_grid: int, has_cls: bool) -> Tensor:
+    """Bilinearly resize the patch part of `[1, cls + g*g, D]` to a new grid; CLS is kept as is."""
+    cls, patches = (pos_embed[:, :1], pos_embed[:, 1:]) if has_cls else (pos_embed[:, :0], pos_embed)
+    old_grid = int(patches.shape[1] ** 0.5)
+    D = patches.shape[-1]
+    grid_1DHW = patches.reshape(1, old_grid, old_grid, D).permute(0, 3, 1, 2)
+    grid_1DHW = F.interpolate(grid_1DHW, size=(new_grid, new_grid), mode="bilinear", align_corners=False)
+    return torch.cat([cls, grid_1DHW.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D)], dim=1)
