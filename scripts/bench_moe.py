@@ -72,8 +72,14 @@ def peer_modules(num_experts: int) -> dict[str, Callable[[], nn.Module]]:
                 nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, WIDTH)) for _ in range(num_experts)
             )
             layer = st_moe_pytorch.MoE(
-                WIDTH, num_experts=num_experts, gating_top_n=K, threshold_train=0.0, threshold_eval=0.0,
-                capacity_factor_train=K * CF, capacity_factor_eval=K * CF, experts=experts,
+                WIDTH,
+                num_experts=num_experts,
+                gating_top_n=K,
+                threshold_train=0.0,
+                threshold_eval=0.0,
+                capacity_factor_train=K * CF,
+                capacity_factor_eval=K * CF,
+                experts=experts,
             )
             return GroupedPeer(layer)
 
@@ -85,9 +91,14 @@ def peer_modules(num_experts: int) -> dict[str, Callable[[], nn.Module]]:
 
         def moe_lib() -> nn.Module:
             layer = mixture_of_experts.MoE(
-                WIDTH, num_experts=num_experts, hidden_dim=HIDDEN, activation=nn.GELU,
-                second_policy_train="all", second_policy_eval="all",
-                capacity_factor_train=K * CF, capacity_factor_eval=K * CF,
+                WIDTH,
+                num_experts=num_experts,
+                hidden_dim=HIDDEN,
+                activation=nn.GELU,
+                second_policy_train="all",
+                second_policy_eval="all",
+                capacity_factor_train=K * CF,
+                capacity_factor_eval=K * CF,
             )
             return GroupedPeer(layer)
 
@@ -218,8 +229,16 @@ def main() -> None:
             peak = mem.get(name)
             peak_cols = f"{peak / 2**20:>10.0f}{peak / mem['dense MLP, same slots']:>12.2f}" if peak else ""
             print(f"{name:<26}{seconds:>10.3f}{seconds / dense:>9.2f}{seconds / ours:>9.2f}{peak_cols}")
-            results.append({"experts": num_experts, "case": name, "seconds": seconds, "ratio_dense": seconds / dense,
-                            "ratio_vmoe": seconds / ours, "peak_bytes": peak})
+            results.append(
+                {
+                    "experts": num_experts,
+                    "case": name,
+                    "seconds": seconds,
+                    "ratio_dense": seconds / dense,
+                    "ratio_vmoe": seconds / ours,
+                    "peak_bytes": peak,
+                }
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,7 +1,7 @@
 """Routers: which buffer slot of which expert each token goes to, and with what weight.
 
 Shape letters: G groups, S tokens per group, D token width, E experts, K choices per
-token, C capacity (slots per expert per group).
+token, C capacity (slots per expert per group), Q a group's K*S choices in priority order.
 
 A router returns a `Plan`: for each token of each group, K assignments, each sending the
 token to slot `slot_GSK` of expert `expert_GSK` with combine weight `weight_GSK`. A slot
@@ -26,8 +26,13 @@ from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.config import MoEConfig
 
 
-def capacity(tokens_to_place: int, num_experts: int, capacity_factor: float | None = None,
-             fixed: int | None = None, multiple: int = 4) -> int:
+def capacity(
+    tokens_to_place: int,
+    num_experts: int,
+    capacity_factor: float | None = None,
+    fixed: int | None = None,
+    multiple: int = 4,
+) -> int:
     """C = ceil(tokens_to_place * cf / E) rounded up to `multiple`, or the fixed C."""
     if fixed is not None:
         c = fixed
@@ -107,13 +112,36 @@ def _load_metrics(placed_GE: Tensor, capacity_: int) -> dict[str, Tensor]:
     return {"expert_load": load_E, "load_entropy": entropy / math.log(num_experts) if num_experts > 1 else entropy}
 
 
-class TokenChoiceRouter(nn.Module):
-    """The V-MoE router: noisy top-K softmax gating with capacity and optional BPR.
+def token_choice_plan(gates_GSE: Tensor, k: int, capacity_: int, bpr: bool) -> tuple[Plan, Tensor]:
+    """Top-K experts per token and their buffer slots; also the choices each expert saw.  [G, E]
 
     Slots are handed out rank by rank (every token's first choice before any second
     choice); within a rank tokens go in group order, or by descending top-1 gate with
     Batch Priority Routing. Ties go to the lower expert index and the BPR sort is stable.
     """
+    G, S, E = gates_GSE.shape
+    # Top-K with ties to the lower expert index: a stable descending sort keeps index order.
+    sorted_gates, sorted_experts = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
+    weight_GSK, expert_GSK = sorted_gates[..., :k], sorted_experts[..., :k]
+    expert_GKS = expert_GSK.transpose(1, 2)
+    # Priority order of the tokens within each rank: group order, or BPR's stable sort.
+    if bpr:
+        order_GS = torch.sort(weight_GSK[..., 0], dim=-1, descending=True, stable=True).indices
+        order_GKS = order_GS.unsqueeze(1).expand(G, k, S)
+        expert_GKS = expert_GKS.gather(2, order_GKS)
+    # A choice's slot = number of earlier choices (in priority order) for the same expert.
+    # The one-hot is choices x E ([G, K*S, E]), never tokens x E x C.
+    choices_GQ = expert_GKS.reshape(G, k * S)
+    seen_GQE = F.one_hot(choices_GQ, E).cumsum(dim=1)
+    slot_GKS = (seen_GQE.gather(2, choices_GQ.unsqueeze(2)) - 1).view(G, k, S)
+    if bpr:  # back from priority order to group order
+        slot_GKS = torch.empty_like(slot_GKS).scatter_(2, order_GKS, slot_GKS)
+    plan = Plan(expert_GSK, slot_GKS.transpose(1, 2), weight_GSK, capacity=capacity_, num_experts=E)
+    return plan, seen_GQE[:, -1]
+
+
+class TokenChoiceRouter(nn.Module):
+    """The V-MoE router: noisy top-K softmax gating, capacity and optional BPR (token_choice_plan)."""
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
@@ -132,26 +160,7 @@ class TokenChoiceRouter(nn.Module):
         noisy_logits_GSE = logits_GSE + sigma * torch.randn_like(logits_GSE) if noisy else logits_GSE
         gates_GSE = noisy_logits_GSE.softmax(dim=-1)
 
-        # Top-K with ties to the lower expert index: a stable descending sort keeps index order.
-        sorted_gates, sorted_experts = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
-        weight_GSK, expert_GSK = sorted_gates[..., :K], sorted_experts[..., :K]
-        expert_GKS = expert_GSK.transpose(1, 2)
-
-        # Priority order of the tokens within each rank: group order, or BPR's stable sort.
-        if cfg.bpr:
-            order_GS = torch.sort(weight_GSK[..., 0], dim=-1, descending=True, stable=True).indices
-            order_GKS = order_GS.unsqueeze(1).expand(G, K, S)
-            expert_GKS_prio = expert_GKS.gather(2, order_GKS)
-        else:
-            expert_GKS_prio = expert_GKS
-        # A choice's slot = number of earlier choices (in priority order) for the same expert.
-        onehot_GAE = F.one_hot(expert_GKS_prio.reshape(G, K * S), E)  # [G, K*S, E], tokens x E only
-        seen_GAE = onehot_GAE.cumsum(dim=1)
-        slot_GKS = (seen_GAE.gather(2, expert_GKS_prio.reshape(G, K * S, 1)) - 1).view(G, K, S)
-        if cfg.bpr:  # back from priority order to group order
-            slot_GKS = torch.empty_like(slot_GKS).scatter_(2, order_GKS, slot_GKS)
-
-        plan = Plan(expert_GSK, slot_GKS.transpose(1, 2), weight_GSK, capacity=C, num_experts=E)
+        plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
 
         clean_gates_GSE = logits_GSE.softmax(dim=-1)
         losses = {"importance_loss": importance_loss(clean_gates_GSE), "gshard_loss": gshard_loss(clean_gates_GSE)}
@@ -168,5 +177,5 @@ class TokenChoiceRouter(nn.Module):
             metrics = {name: value.detach() for name, value in losses.items()}
             metrics["dropped_all"] = dropped_GSK.all(dim=-1).float().mean()
             metrics["dropped_any"] = dropped_GSK.any(dim=-1).float().mean()
-            metrics.update(_load_metrics(seen_GAE[:, -1].clamp(max=C), C))
+            metrics.update(_load_metrics(seen_GE.clamp(max=C), C))
         return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics)

@@ -1,0 +1,42 @@
+"""Plain-Python references the tests hold the library against (kept out of the package)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_slots(gates: list[list[float]], k: int, capacity: int, bpr: bool) -> list[list[tuple[int, int | None]]]:
+    """For one group: per token, its K (expert, slot-or-None) choices, by the DESIGN.md rules, with loops."""
+    num_tokens = len(gates)
+    choices = []
+    for row in gates:  # top-K, ties to the lower expert index
+        ranked = sorted(range(len(row)), key=lambda e: (-row[e], e))
+        choices.append(ranked[:k])
+    order = list(range(num_tokens))
+    if bpr:  # stable: equal top-1 gates keep group order
+        order = sorted(order, key=lambda t: -gates[t][choices[t][0]])
+    filled: dict[int, int] = {}
+    result: list[list[tuple[int, int | None]]] = [[(-1, None)] * k for _ in range(num_tokens)]
+    for rank in range(k):
+        for t in order:
+            e = choices[t][rank]
+            slot = filled.get(e, 0)
+            filled[e] = slot + 1
+            result[t][rank] = (e, slot if slot < capacity else None)
+    return result
+
+
+def einsum_moe(x_GSD: torch.Tensor, gates_GSE: torch.Tensor, k: int, capacity: int, bpr: bool, experts) -> torch.Tensor:
+    """One-hot einsum dispatch and combine (the official JAX way) from reference_slots."""
+    G, S, D = x_GSD.shape
+    E = gates_GSE.shape[-1]
+    dispatch = torch.zeros(G, S, E, capacity)
+    for g in range(G):
+        for s, row in enumerate(reference_slots(gates_GSE[g].tolist(), k, capacity, bpr)):
+            for e, slot in row:
+                if slot is not None:
+                    dispatch[g, s, e, slot] = 1.0
+    combine = dispatch * gates_GSE.unsqueeze(-1)  # gradient reaches the gates through combine
+    buffers = torch.einsum("gsec,gsd->egcd", dispatch, x_GSD).reshape(E, G * capacity, D)
+    out = experts(buffers).view(E, G, capacity, D)
+    return torch.einsum("egcd,gsec->gsd", out, combine)

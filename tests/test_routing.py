@@ -1,0 +1,166 @@
+"""The token-choice router against DESIGN.md's worked examples and plain-Python references."""
+
+import math
+import statistics
+
+import pytest
+import torch
+from reference import reference_slots
+
+from vmoe_cli.errors import VmoeError
+from vmoe_cli.models.config import MoEConfig
+from vmoe_cli.models.routing import (
+    TokenChoiceRouter,
+    capacity,
+    gshard_loss,
+    importance_loss,
+    load_loss,
+    token_choice_plan,
+    z_loss,
+)
+
+
+def plan_as_lists(gates, k, c, bpr):
+    plan, _ = token_choice_plan(torch.tensor([gates]), k, c, bpr)
+    return [
+        [(e, s if s < c else None) for e, s in zip(es, ss, strict=True)]
+        for es, ss in zip(plan.expert_GSK[0].tolist(), plan.slot_GSK[0].tolist(), strict=True)
+    ]
+
+
+DESIGN_GATES = [[0.4, 0.0, 0.2], [0.5, 0.1, 0.4], [0.3, 0.2, 0.6]]
+
+
+def test_design_dispatch_example_without_bpr():
+    assert plan_as_lists(DESIGN_GATES, k=2, c=2, bpr=False) == [
+        [(0, 0), (2, 1)],
+        [(0, 1), (2, None)],
+        [(2, 0), (0, None)],
+    ]
+
+
+def test_design_dispatch_example_with_bpr():
+    assert plan_as_lists(DESIGN_GATES, k=2, c=2, bpr=True) == [
+        [(0, 1), (2, None)],
+        [(0, 0), (2, 1)],
+        [(2, 0), (0, None)],
+    ]
+
+
+LOSS_GATES = torch.tensor([[[0.5, 0.4, 0.1], [0.3, 0.3, 0.4], [0.1, 0.2, 0.7], [0.8, 0.2, 0.0]]])
+
+
+def test_importance_loss_reference_value():
+    assert importance_loss(LOSS_GATES).item() == pytest.approx(0.03875, abs=1e-6)
+
+
+def test_gshard_loss_reference_value():
+    assert gshard_loss(LOSS_GATES).item() == pytest.approx(1.0875, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("bpr", [False, True])
+def test_plan_matches_reference_loop_on_random_gates(seed, bpr):
+    gen = torch.Generator().manual_seed(seed)
+    S, E = 24, 5
+    k = 1 + seed % 3
+    c = 1 + seed % 7
+    gates = torch.rand(2, S, E, generator=gen).softmax(-1)
+    if seed % 4 == 0:  # plant exact ties in gates and in top-1 gates
+        gates = (gates * 4).round() / 4
+    plan, seen = token_choice_plan(gates, k, c, bpr)
+    for g in range(2):
+        expected = reference_slots(gates[g].tolist(), k, c, bpr)
+        got = [
+            [(e, s if s < c else None) for e, s in zip(es, ss, strict=True)]
+            for es, ss in zip(plan.expert_GSK[g].tolist(), plan.slot_GSK[g].tolist(), strict=True)
+        ]
+        assert got == expected
+    assert seen.sum().item() == 2 * S * k  # every choice is counted once
+
+
+@pytest.mark.parametrize("bpr", [False, True])
+def test_plan_invariants(bpr):
+    gen = torch.Generator().manual_seed(0)
+    G, S, E, k, c = 3, 64, 6, 2, 12
+    gates = torch.rand(G, S, E, generator=gen).softmax(-1)
+    plan, _ = token_choice_plan(gates, k, c, bpr)
+    kept = plan.kept_GSK
+    for g in range(G):
+        for e in range(E):
+            mine = plan.expert_GSK[g] == e
+            slots = plan.slot_GSK[g][mine & kept[g]]
+            assert len(slots) <= c and len(set(slots.tolist())) == len(slots)  # capacity never exceeded
+            first = plan.slot_GSK[g][:, 0][mine[:, 0]]
+            second = plan.slot_GSK[g][:, 1][mine[:, 1]]
+            if len(first) and len(second):
+                assert first.max() < second.min()  # every first choice before any second choice
+        if bpr:  # within rank 0, an expert's slots follow descending top-1 gates
+            for e in range(E):
+                mine = plan.expert_GSK[g, :, 0] == e
+                top1 = plan.weight_GSK[g, :, 0][mine]
+                by_slot = top1[plan.slot_GSK[g, :, 0][mine].argsort()]
+                assert torch.all(by_slot[:-1] >= by_slot[1:])
+    # combine weights are the raw gates, not renormalised over the K
+    assert torch.equal(plan.weight_GSK, gates.sort(-1, descending=True).values[..., :k])
+
+
+def test_capacity_rule():
+    assert capacity(34 * 2, 4, 1.05) == 20  # ceil(17.85) = 18 -> multiple of 4
+    assert capacity(34 * 2, 4, 4.0) == 68
+    assert capacity(34 * 2, 4, 1.05, multiple=1) == 18
+    assert capacity(100, 8, None, fixed=7) == 7
+    with pytest.raises(VmoeError, match="capacity"):
+        capacity(10, 8, 0.0, multiple=1)
+
+
+def test_load_loss_equals_direct_evaluation():
+    gen = torch.Generator().manual_seed(3)
+    S, E, k, sigma = 10, 4, 2, 0.25
+    logits = torch.randn(1, S, E, generator=gen, dtype=torch.float64)
+    noisy = logits + sigma * torch.randn(1, S, E, generator=gen, dtype=torch.float64)
+    probs = []
+    for e in range(E):
+        p = 0.0
+        for t in range(S):
+            threshold = sorted(noisy[0, t].tolist(), reverse=True)[k - 1]
+            z = (threshold - logits[0, t, e].item()) / sigma
+            p += 1 - 0.5 * (1 + math.erf(z / math.sqrt(2)))
+        probs.append(p / S)
+    expected = (statistics.pstdev(probs) / statistics.mean(probs)) ** 2
+    assert load_loss(logits, noisy, sigma, k).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_z_loss_value():
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    assert z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_router_noise_only_in_training_and_losses():
+    torch.manual_seed(0)
+    router = TokenChoiceRouter(16, MoEConfig(num_experts=4, k=2, capacity_factor=2.0, zloss_weight=0.1))
+    x = torch.randn(2, 8, 16)
+    router.eval()
+    a, b = router(x), router(x)
+    assert torch.equal(a.plan.weight_GSK, b.plan.weight_GSK)
+    assert "load_loss" not in a.metrics and "z_loss" in a.metrics
+    router.train()
+    c, d = router(x), router(x)
+    assert not torch.equal(c.plan.weight_GSK, d.plan.weight_GSK)
+    assert "load_loss" in c.metrics
+    expected = 0.005 * c.metrics["importance_loss"] + 0.005 * c.metrics["load_loss"] + 0.1 * c.metrics["z_loss"]
+    assert c.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_routing_metrics_count_drops_and_load():
+    gates = torch.tensor([DESIGN_GATES])
+    router = TokenChoiceRouter(3, MoEConfig(num_experts=3, k=2, capacity=2))
+    router.eval()
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.eye(3))
+    out = router(gates.clamp(min=1e-6).log())  # softmax(log g) = g / sum g: same order as DESIGN's gates
+    assert out.metrics["dropped_all"].item() == 0.0
+    assert out.metrics["dropped_any"].item() == pytest.approx(2 / 3)
+    assert out.metrics["expert_load"].tolist() == [1.0, 0.0, 1.0]
+    assert out.metrics["load_entropy"].item() == pytest.approx(math.log(2) / math.log(3), rel=1e-6)

@@ -1,0 +1,201 @@
+"""Recipes: YAML -> typed dataclasses, `--set` overrides, validation with suggestions.
+
+A recipe is one YAML file whose sections fill the dataclasses below (today only `model:`).
+`from_dict` is generic: it walks the dataclass fields and their type hints, so a new
+config field is a new recipe key with no parsing code. Every mistake becomes one
+`VmoeError` line naming the file and the full dotted key, with a suggestion when a
+close spelling exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from vmoe_cli.errors import VmoeError
+from vmoe_cli.models.config import ModelConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class Recipe:
+    """One recipe file. Later sections (data, train) become further fields here."""
+
+    model: ModelConfig  # the `model:` section
+    description: str = ""  # one line saying what the recipe is for
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe, apply `dotted.key=value` overrides, build and validate it.
+
+    Raises VmoeError with one line naming the file for every user mistake.
+    """
+    data = _read_yaml(path)
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        recipe = from_dict(Recipe, data)
+        recipe.model.validate()
+    except VmoeError as e:
+        raise VmoeError(f"{path}: {e}") from None
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain nested dict of a recipe (what `dump_recipe` writes and `load_recipe` reads back)."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML atomically: temp file in the same directory, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking keys and types; `where` is the dotted key prefix."""
+    if not isinstance(data, Mapping):
+        raise VmoeError(f"{where or 'recipe'} must be a mapping (key: value lines), got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
+            raise VmoeError(f"unknown key {_join(where, key)!r} ({hint})")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise VmoeError(f"missing key {_join(where, name)!r}")
+    return cls(**kwargs)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against type hint `tp` and return it converted (int -> float, nested dataclasses)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(options) < len(get_args(tp)):
+            return None
+        if value is not None and len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return from_dict(options[0], value, where)  # a nested section: its own error is more precise
+        for option in options:
+            try:
+                return _convert(value, option, where)
+            except VmoeError:
+                pass
+        raise VmoeError(f"{where} must be {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value in allowed:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise VmoeError(f"{where} must be {_describe(tp)}, got {value!r}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise VmoeError(f"{where} must be {_describe(tp)}, got {value!r}")
+        (item,) = get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-6` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if tp is str and isinstance(value, str):
+        return value
+    if tp not in (bool, int, float, str):
+        raise TypeError(f"config field {where} has a type from_dict does not handle: {tp!r}")
+    raise VmoeError(f"{where} must be {_describe(tp)}, got {value!r}")
+
+
+def _describe(tp: Any) -> str:
+    """Type hint in words, for error messages."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return words[tp]
+
+
+def _join(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """The recipe file as a dict; VmoeError naming the file when it cannot be read or parsed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VmoeError(f"{path}: no such recipe file (recipes live in recipes/*.yaml)") from None
+    except UnicodeDecodeError:
+        raise VmoeError(f"{path}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise VmoeError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise VmoeError(f"{path}: invalid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise VmoeError(f"{path}: the top level must be a mapping (key: value lines), got {got}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` in place; the value is YAML, missing or null sections become mappings."""
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise VmoeError(f"--set {override!r}: expected dotted.key=value, e.g. model.moe.k=1")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise VmoeError(f"--set {override!r}: the value is not valid YAML") from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise VmoeError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+    node[parts[-1]] = value

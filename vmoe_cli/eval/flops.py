@@ -1,0 +1,97 @@
+"""Analytic FLOPs and parameter counts of a ViT / V-MoE, and the model card built from them.
+
+FLOPs count the matrix multiplications only (2 per multiply-add), as
+`torch.utils.flop_counter.FlopCounterMode` does, so the two can be checked against each
+other. An MoE block counts the expert slots it computes (E x C per group, filled or not),
+not the tokens it routes: that is what the hardware pays.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vmoe_cli.models.config import ModelConfig
+from vmoe_cli.models.routing import capacity
+from vmoe_cli.models.vit import VisionTransformer
+
+
+def moe_capacity(cfg: ModelConfig, images_per_group: int | None = None) -> int:
+    """C per expert per group for groups of `images_per_group` images (default: the recipe's)."""
+    moe = cfg.moe
+    group_tokens = (images_per_group or moe.group_images) * cfg.tokens_per_image
+    return capacity(group_tokens * moe.k, moe.num_experts, moe.capacity_factor, moe.capacity, moe.capacity_multiple)
+
+
+def flops_per_image(cfg: ModelConfig, images_per_group: int | None = None) -> float:
+    """Matmul FLOPs of one forward pass per image (groups of `images_per_group` images).
+
+    A fraction where a group's E*C slots do not split evenly over its images.
+    """
+    depth, D, H, _, patch = cfg.sizes()
+    N = cfg.tokens_per_image
+    patches = (cfg.image_size // patch) ** 2
+    total = 2 * patches * (patch * patch * cfg.channels) * D  # patch embedding
+    attention = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D  # qkv, scores and values, out
+    moe_layers = set(cfg.moe_layers())
+    for i in range(depth):
+        total += attention
+        if i in moe_layers:
+            images = images_per_group or cfg.moe.group_images
+            slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, images) / images
+            total += 2 * N * D * cfg.moe.num_experts  # router
+            total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot
+            if cfg.moe.k > 1:  # combine: a batched matmul summing K weighted outputs (K=1: a multiply)
+                total += 2 * N * cfg.moe.k * D
+        else:
+            total += 2 * 2 * N * D * H
+    rep = cfg.representation_size
+    if rep:
+        total += 2 * D * rep
+    if cfg.num_classes:
+        total += 2 * (rep or D) * cfg.num_classes
+    return total
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total parameters, parameters a token uses): experts it is not routed to do not count.
+
+    The model is built on the meta device, so an H/14 with 32 experts costs no memory.
+    """
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    if cfg.moe is None:
+        return total, total
+    unused = 0
+    for i in cfg.moe_layers():
+        experts = model.blocks[i].mlp.experts
+        per_expert = sum(p[0].numel() for p in experts.parameters())
+        unused += (cfg.moe.num_experts - cfg.moe.k) * per_expert
+    return total, total - unused
+
+
+def model_card(cfg: ModelConfig) -> dict[str, object]:
+    """What `vmoe model-info` prints: sizes, parameters, FLOPs and the MoE settings."""
+    depth, width, mlp_dim, heads, patch = cfg.sizes()
+    total, active = parameter_counts(cfg)
+    card: dict[str, object] = {
+        "variant": cfg.variant,
+        "blocks x width x MLP x heads": f"{depth} x {width} x {mlp_dim} x {heads}",
+        "image / patch / tokens per image": f"{cfg.image_size} / {patch} / {cfg.tokens_per_image}",
+        "pooling / representation": f"{cfg.pool} / {cfg.representation_size or 'none'}",
+        "classes": cfg.num_classes,
+        "total parameters": total,
+        "parameters active per token": active,
+        "GFLOPs per image": flops_per_image(cfg) / 1e9,
+    }
+    moe = cfg.moe
+    if moe is None:
+        card["MoE blocks"] = "none (dense ViT)"
+        return card
+    card["MoE blocks"] = ", ".join(map(str, cfg.moe_layers())) + f" (of 0..{depth - 1})"
+    card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}"
+    card["capacity"] = f"fixed {moe.capacity}" if moe.capacity else f"factor {moe.capacity_factor}"
+    card["capacity per expert per group C"] = moe_capacity(cfg)
+    card["group size"] = f"{moe.group_images} images = {moe.group_images * cfg.tokens_per_image} tokens"
+    card["batch priority routing"] = "on" if moe.bpr else "off"
+    return card
