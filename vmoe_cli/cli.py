@@ -7,6 +7,9 @@ User mistakes surface as `VmoeError`; `_Group.invoke` turns every one of them in
 from __future__ import annotations
 
 import math
+import os
+import re
+import time
 from pathlib import Path
 
 import click
@@ -41,6 +44,8 @@ def main() -> None:
     Examples:
       vmoe model-info recipes/vmoe-s32-last2.yaml
       vmoe model-info recipes/digits-vit.yaml --set model.moe.k=1 --set model.moe.bpr=true
+      vmoe shard digits --out shards/digits --minival 0.1
+      vmoe shard-info shards/digits --verify
     """
 
 
@@ -61,6 +66,127 @@ def model_info(recipe: Path, overrides: tuple[str, ...]) -> None:
     for label, value in model_card(cfg.model).items():
         table.add_row(Text(label), Text(_format(value)))  # Text: no rich markup in values
     Console().print(table)
+
+
+@main.command("shard")
+@click.argument("source")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--minival", default=0.0, show_default=True, help="Fraction of train held out as the 'minival' split.")
+@click.option("--encoding", type=click.Choice(["keep", "png", "jpg"]), default="keep", show_default=True,
+              help="keep: store JPEG/PNG/WebP bytes as they are (other formats and arrays become PNG).")  # fmt: skip
+@click.option("--quality", default=95, show_default=True, help="JPEG quality when encoding to jpg.")
+@click.option("--resize", type=int, help="Shrink images so the shorter side is this many pixels (never enlarges).")
+@click.option("--shard-size", default=5000, show_default=True, help="Most samples per shard.")
+@click.option("--shard-bytes", help="Most bytes per shard, e.g. 500MB or 1GiB (planned from input sizes).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample order and of the minival hold-out.")
+@click.option("--limit", type=int, help="Keep only the first N samples of each split (after shuffling).")
+@click.option("--class-names", help="Comma-separated class names replacing the source's, in label order.")
+@click.option("--workers", default=os.cpu_count() or 1, show_default="CPU cores", help="Processes writing shards.")
+@click.option("--max-skipped", type=float, help="Fail when more than this fraction of the inputs is unusable.")
+@click.option("--overwrite", is_flag=True, help="Replace the shards of a different job in --out.")
+@click.option("--dry-run", is_flag=True, help="Read and validate every input, count, write nothing.")
+def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, overwrite: bool, dry_run: bool,
+          class_names: str | None, shard_bytes: str | None, **options: object) -> None:  # fmt: skip
+    """Shard SOURCE into WebDataset tars in --out, with manifest.json, sizes.json and skipped.jsonl.
+
+    SOURCE is 'digits' (scikit-learn's 8x8 digits), an MNIST-style IDX folder (train-/t10k-images-idx3-ubyte[.gz]
+    and labels), a folder with one sub-folder per class (optionally under train/ and val/ or test/), or a
+    .csv/.tsv/.jsonl list with path and label columns (and optionally split). Rerunning an interrupted command
+    finishes the job without redoing finished shards.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeElapsedColumn
+
+    from vmoe_cli.data.shard import ShardOptions, write_shards
+    from vmoe_cli.data.sources import open_source
+
+    class ImagesPerSecond(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} images/s")
+
+    names = [name.strip() for name in class_names.split(",")] if class_names else None
+    opts = ShardOptions(shard_bytes=_parse_bytes(shard_bytes) if shard_bytes else None, **options)
+    src = open_source(source, class_names=names)
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeElapsedColumn())
+    progress = Progress(*columns, console=Console(stderr=True), transient=True)
+    bar = progress.add_task("dry run" if dry_run else "sharding", total=None)
+
+    def show(done: int, total: int) -> None:
+        if progress.console.is_terminal:  # a bar only for a person watching; logs get the summary
+            progress.start()  # on the first call: after the checks, so an early error is one line
+            progress.update(bar, completed=done, total=total)
+
+    complete = (out_dir / "manifest.json").is_file() and not (overwrite or dry_run)
+    start = time.perf_counter()
+    try:
+        manifest = write_shards(
+            src, out_dir, opts, workers=workers, overwrite=overwrite, max_skipped=max_skipped, dry_run=dry_run,
+            progress=show,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to finish the job", err=True)
+        raise SystemExit(130) from None
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    seconds = time.perf_counter() - start
+    if complete:
+        click.echo(f"{out_dir}: already complete (manifest.json is there); nothing to do")
+        return
+    table = Table(title=f"{source} -> {out_dir}", caption="dry run: nothing written" if dry_run else None)
+    for column in ("split", "samples", "shards", "bytes"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, info in manifest["splits"].items():
+        size = sum(s["bytes"] or 0 for s in info["shards"])
+        table.add_row(split, f"{info['count']:,}", str(len(info["shards"])), f"{size:,}" if size else "-")
+    Console().print(table)
+    processed = sum(info["count"] for info in manifest["splits"].values()) + manifest["skipped"]
+    click.echo(f"{len(manifest['classes'])} classes; {manifest['skipped']} inputs skipped", nl=False)
+    if manifest["skipped"] and manifest["report"]:
+        click.echo(f" (reasons in {out_dir / manifest['report']})", nl=False)
+    click.echo(f"; {seconds:.1f} s, {processed / seconds:,.0f} images/s")
+    for entry in manifest.get("skipped_inputs", [])[:20]:
+        click.echo(f"  skipped {entry['id']}: {entry['reason']}")
+
+
+@main.command("shard-info")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Check every shard's sha256 against the manifest.")
+@click.option("--ranks", default=1, show_default=True, help="Training processes that will read the shards.")
+@click.option("--workers", default=1, show_default=True, help="Data-loader workers per rank.")
+def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int) -> None:
+    """Counts per split and class of the shards in DIR, and problems for RANKS x WORKERS readers."""
+    from vmoe_cli.data.shard import shard_info
+
+    info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers)
+    manifest = info["manifest"]
+    splits = list(manifest["splits"])
+    table = Table(title=f"{out_dir}: {manifest['source']}")
+    table.add_column("class")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for name in manifest["classes"]:
+        table.add_row(Text(name), *(f"{manifest['splits'][s]['class_counts'][name]:,}" for s in splits))
+    table.add_section()
+    table.add_row("samples", *(f"{manifest['splits'][s]['count']:,}" for s in splits))
+    table.add_row("shards", *(str(len(manifest["splits"][s]["shards"])) for s in splits))
+    Console().print(table)
+    click.echo(f"{manifest['skipped']} inputs skipped at sharding (see {out_dir / manifest['report']})")
+    for problem in info["problems"]:
+        click.echo(f"warning: {problem}", err=True)
+    if info["failed"]:
+        shown = "; ".join(info["failed"][:3]) + ("; ..." if len(info["failed"]) > 3 else "")
+        raise VmoeError(f"{out_dir}: {len(info['failed'])} shard(s) failed verification: {shown}")
+    total = sum(len(s["shards"]) for s in manifest["splits"].values())
+    click.echo(f"{total} shards " + ("verified (size and sha256)" if verify else "present with the right sizes"))
+
+
+def _parse_bytes(text: str) -> int:
+    """'500MB' -> 500_000_000, '1GiB' -> 2**30, '4096' -> 4096."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise VmoeError(f"--shard-bytes: expected a size like 500MB or 1GiB, got {text!r}")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** "_kmgt".index(unit.lower() or "_"))
 
 
 def _format(value: object) -> str:

@@ -1,0 +1,241 @@
+"""The shard loader: who reads what across ranks and workers, equal steps, resume, exact pixels, augmentation."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, mixup
+from vmoe_cli.data.loader import build_loader, decode_image, read_manifest
+from vmoe_cli.errors import VmoeError
+
+SIZE = 8
+
+
+def write_shards(root: Path, counts: dict[str, list[int]], channels: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Shards in the vmoe-shards/1 format with random PNG images; label of sample n = n (so labels name samples).
+
+    `counts[split]` lists the samples per shard. Returns the pixels of each split, [N, H, W] or [N, H, W, 3].
+    """
+    rng = np.random.default_rng(seed)
+    total = max(sum(c) for c in counts.values())
+    manifest = {"format": "vmoe-shards/1", "classes": [f"c{i}" for i in range(total)], "splits": {}}
+    pixels = {}
+    for split, shard_counts in counts.items():
+        shape = (sum(shard_counts), SIZE, SIZE) + ((3,) if channels == 3 else ())
+        pixels[split] = rng.integers(0, 256, shape, dtype=np.uint8)
+        shards, n = [], 0
+        for index, count in enumerate(shard_counts):
+            file = f"{split}-{index:06d}.tar"
+            with wds.TarWriter(str(root / file)) as sink:
+                for _ in range(count):
+                    png = io.BytesIO()
+                    Image.fromarray(pixels[split][n]).save(png, format="PNG")
+                    meta = {"id": f"img{n}", "label": n, "label_name": f"c{n}"}
+                    sink.write({"__key__": f"{split}_{n:08d}", "png": png.getvalue(), "cls": str(n), "json": meta})
+                    n += 1
+            data = (root / file).read_bytes()
+            shards.append(
+                {"file": file, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+        manifest["splits"][split] = {"count": n, "class_counts": {}, "shards": shards}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return pixels
+
+
+def labels_of(loader) -> list[list[int]]:
+    return [labels.tolist() for _, labels in loader]
+
+
+def test_eval_two_ranks_two_workers_read_every_sample_once(tmp_path):
+    write_shards(tmp_path, {"test": [7, 5, 9]})
+    seen = []
+    for rank in range(2):
+        loader = build_loader(
+            tmp_path, "test", batch_size=2, image_size=SIZE, channels=1, train=False, rank=rank, world_size=2, workers=2
+        )
+        batches = labels_of(loader)
+        assert len(batches) == loader.steps
+        seen += [label for batch in batches for label in batch]
+    assert seen == list(range(21))  # disjoint, the union is the whole split, in manifest order
+
+
+def test_train_two_ranks_two_workers_equal_steps_disjoint_samples(tmp_path):
+    write_shards(tmp_path, {"train": [6, 5, 9, 4, 7]})
+    steps, seen = [], []
+    for rank in range(2):
+        loader = build_loader(
+            tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=True, rank=rank, world_size=2, workers=2
+        )
+        batches = labels_of(loader)
+        assert len(batches) == loader.steps and all(len(b) == 2 for b in batches)
+        steps.append(loader.steps)
+        seen += [label for batch in batches for label in batch]
+    assert steps[0] == steps[1] > 0
+    assert len(seen) == len(set(seen))
+
+
+def test_train_shard_order_depends_on_epoch_and_seed(tmp_path):
+    write_shards(tmp_path, {"train": [4] * 6})
+
+    def first_labels(seed: int, epoch: int) -> list[list[int]]:
+        return labels_of(
+            build_loader(
+                tmp_path, "train", batch_size=4, image_size=SIZE, channels=1, train=True, seed=seed, epoch=epoch
+            )
+        )
+
+    assert first_labels(0, 0) == first_labels(0, 0)
+    assert first_labels(0, 0) != first_labels(0, 1)
+    assert sorted(sum(first_labels(1, 0), [])) == list(range(24))
+
+
+def test_resampled_yields_exactly_steps(tmp_path):
+    write_shards(tmp_path, {"train": [5, 5]})
+    loader = build_loader(
+        tmp_path,
+        "train",
+        batch_size=3,
+        image_size=SIZE,
+        channels=1,
+        train=True,
+        workers=2,
+        world_size=2,
+        resampled=True,
+        epoch_images=40,
+    )
+    assert loader.steps == 40 // (3 * 2)
+    assert len(labels_of(loader)) == loader.steps
+
+
+def test_resume_replays_the_same_batches(tmp_path):
+    write_shards(tmp_path, {"train": [9, 7, 8, 6]}, channels=3)
+    augment = AugmentConfig(crop_scale=[0.3, 1.0], flip=True, randaugment_ops=2, randaugment_magnitude=9)
+
+    def batches(start_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = build_loader(
+            tmp_path,
+            "train",
+            batch_size=2,
+            image_size=6,
+            channels=3,
+            train=True,
+            workers=2,
+            seed=3,
+            epoch=1,
+            augment=augment,
+            start_batch=start_batch,
+        )
+        return list(loader)
+
+    full, resumed = batches(0), batches(3)
+    assert len(full) == 14 and len(resumed) == len(full) - 3
+    for (x, y), (rx, ry) in zip(full[3:], resumed, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_round_trip_pixels_and_labels_exact(tmp_path):
+    pixels = write_shards(tmp_path, {"test": [5, 6]}, channels=3)["test"]
+    loader = build_loader(tmp_path, "test", batch_size=4, image_size=SIZE, channels=3, train=False, raw=True)
+    images, labels = zip(*loader, strict=True)
+    images, labels = torch.cat(images), torch.cat(labels)
+    assert images.dtype == torch.uint8 and images.shape == (11, 3, SIZE, SIZE)
+    assert torch.equal(labels, torch.arange(11))
+    assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(pixels))
+
+
+def test_normalised_batches(tmp_path):
+    write_shards(tmp_path, {"test": [3]})
+    ((images, labels),) = build_loader(tmp_path, "test", batch_size=4, image_size=4, channels=1, train=False)
+    assert images.shape == (3, 1, 4, 4) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.min() >= -1.0 and images.max() <= 1.0
+
+
+def test_stock_webdataset_reads_our_shards(tmp_path):
+    pixels = write_shards(tmp_path, {"train": [4, 3]})["train"]
+    urls = [str(tmp_path / s["file"]) for s in read_manifest(tmp_path)["splits"]["train"]["shards"]]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("l8").to_tuple("__key__", "png", "cls", "json")
+    samples = list(dataset)
+    assert [key for key, *_ in samples] == [f"train_{n:08d}" for n in range(7)]
+    for n, (_, image, label, meta) in enumerate(samples):
+        assert np.array_equal(image, pixels[n]) and label == n and meta["label"] == n
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> tuple[Path, list]:
+    """scikit-learn's digits through the vmoe shard writer; also returns the items in their shard order."""
+    shard = pytest.importorskip("vmoe_cli.data.shard")
+    from vmoe_cli.data.sources import open_source
+
+    source, options = open_source("digits"), shard.ShardOptions(shard_size=500)
+    out = tmp_path_factory.mktemp("digits")
+    shard.write_shards(source, out, options)
+    return out, shard.split_orders(source, options)["train"]
+
+
+def test_digits_round_trip_through_the_writer(digits_shards):
+    out, items = digits_shards
+    loader = build_loader(out, "train", batch_size=256, image_size=8, channels=1, train=False, workers=2, raw=True)
+    images, labels = (torch.cat(t) for t in zip(*loader, strict=True))
+    assert torch.equal(images[:, 0], torch.from_numpy(np.stack([item.pixels for item in items])))
+    assert labels.tolist() == [item.label for item in items]
+
+
+def test_stock_webdataset_reads_the_writers_shards(digits_shards):
+    out, items = digits_shards
+    urls = [str(out / s["file"]) for s in read_manifest(out)["splits"]["train"]["shards"]]
+    samples = wds.WebDataset(urls, shardshuffle=False).decode("l8").to_tuple("__key__", "png", "cls", "json")
+    for n, (key, image, label, meta) in enumerate(samples):
+        assert key == f"train_{n:08d}" and np.array_equal(image, items[n].pixels)
+        assert label == meta["label"] == items[n].label and meta["id"] == items[n].id
+    assert n == len(items) - 1
+
+
+def test_decode_image_grey_and_rgb():
+    png = io.BytesIO()
+    Image.fromarray(np.full((3, 5, 3), 200, dtype=np.uint8)).save(png, format="PNG")
+    assert decode_image(png.getvalue(), 3).shape == (3, 3, 5)
+    assert decode_image(png.getvalue(), 1).shape == (1, 3, 5)
+
+
+def test_bad_shard_dir_and_settings(tmp_path):
+    with pytest.raises(VmoeError, match="not a vmoe shard directory"):
+        build_loader(tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=True)
+    write_shards(tmp_path, {"train": [4, 4]})
+    with pytest.raises(VmoeError, match="no split 'test'"):
+        build_loader(tmp_path, "test", batch_size=2, image_size=SIZE, channels=1, train=False)
+    with pytest.raises(VmoeError, match="resampled"):
+        build_loader(tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=True, world_size=2, workers=2)
+    (tmp_path / "train-000001.tar").write_bytes(b"not a tar")
+    with pytest.raises(VmoeError, match="train-000001.tar"):
+        list(build_loader(tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=False))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_every_randaugment_op_keeps_size_and_mode(mode):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).convert(mode)
+    for name, op in OPS.items():
+        out = op(img, 10, random.Random(0))
+        assert out.size == img.size and out.mode == mode, name
+    out = augment_image(img, 7, AugmentConfig(crop_scale=[0.1, 0.5], flip=True, randaugment_ops=3), random.Random(1))
+    assert out.size == (7, 7)
+
+
+def test_mixup_mixes_images_and_targets_alike():
+    images = torch.arange(4.0).view(4, 1, 1, 1)
+    targets = torch.eye(4)
+    mixed, soft = mixup(images, targets, 0.2, torch.Generator().manual_seed(0))
+    lam = soft[0, 0]
+    assert torch.allclose(soft.sum(1), torch.ones(4))
+    assert torch.allclose(mixed.flatten(), lam * images.flatten() + (1 - lam) * images.flip(0).flatten())
+    again, _ = mixup(images, targets, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again)

@@ -1,0 +1,1 @@
+"""Data: image sources, the resumable shard writer, and the WebDataset loader."""

@@ -1,0 +1,416 @@
+"""Read vmoe shards into batches: webdataset tar reading, Pillow decoding, augmentation, normalisation.
+
+Who reads what. Every rank x worker (a "slot") reads its own part of the split, decided from the manifest
+alone, so all ranks agree on every count without talking to each other:
+  eval       the split in manifest order, cut into one contiguous range per rank (sizes differ by at most
+             one); batch j of a rank is formed by worker j % workers, so batches come out in manifest
+             order; every sample is decoded exactly once across all ranks x workers; last partial batch
+             kept. Ranks may get one batch more than others: reduce eval metrics once at the end.
+  train      shard list shuffled with (seed, epoch), the same on every rank, then `shards[rank::world]`,
+             then `[worker::workers]`; a shuffle buffer per slot; partial batches dropped.
+  resampled  every slot draws shards with replacement, seeded by (seed, epoch, rank, worker); the epoch
+             is `epoch_images` long.
+
+Batches are formed inside the workers and a torch DataLoader (batch_size=None) hands them out round-robin
+over workers, skipping a worker once it is exhausted. That order is planned here (`_schedule`), so each
+worker knows which of its batches the epoch uses: in training every rank yields the same `steps` batches,
+the minimum over ranks (no rank waits forever on a collective), and `start_batch` resumes mid-epoch by
+skipping samples before decoding. Augmentation is seeded per sample position, so a resumed epoch yields
+exactly the batches an uninterrupted one would have.
+
+Never pass a Loader through `accelerator.prepare()`: it is already split per rank, and Accelerate would
+split the stream a second time and silently lose samples (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vmoe_cli.data.augment import AugmentConfig, augment_image, resize
+from vmoe_cli.errors import VmoeError
+
+MANIFEST = "manifest.json"
+FORMAT = "vmoe-shards/1"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
+SHUFFLE_BUFFER = 1000  # samples (undecoded bytes) held per worker for the within-shard shuffle
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a vmoe shard directory; VmoeError naming the directory when it is not one."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise VmoeError(f"{shard_dir}: not a vmoe shard directory (no {MANIFEST}); create one with `vmoe shard`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VmoeError(f"{path}: unreadable manifest ({e}); re-run `vmoe shard`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise VmoeError(f"{path}: not a {FORMAT} manifest; re-run `vmoe shard`")
+    return manifest
+
+
+def decode_image(data: bytes, channels: int) -> torch.Tensor:
+    """Encoded image bytes -> uint8 tensor [C, H, W] (C = 1 grey or 3 RGB), pixels exactly as stored."""
+    return _to_tensor(_open(data, channels))
+
+
+def _open(data: bytes, channels: int) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    array = np.asarray(img, dtype=np.uint8)  # [H, W] or [H, W, C]
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [C, H, W]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker process needs; plain data so it pickles to workers."""
+
+    shard_dir: Path
+    shards: list[tuple[str, int]]  # (file, sample count) of the split, manifest order
+    split: str
+    batch_size: int
+    image_size: int
+    channels: int
+    train: bool
+    rank: int
+    world_size: int
+    processes: int  # DataLoader worker processes; 0 reads in the calling process
+    workers: int  # logical workers, max(1, processes): the streams the epoch is split into
+    seed: int
+    epoch: int
+    augment: AugmentConfig
+    resampled: bool
+    shuffle_buffer: int
+    first: list[int]  # per logical worker: index of its first batch to yield (resume)
+    stop: list[int]  # per logical worker: how many of its batches this epoch uses
+    offset: int  # logical worker of DataLoader worker i is (i + offset) % workers
+
+
+class Loader:
+    """Iterable over `(images float32 [B, C, H, W] normalised, labels int64 [B])` for one rank and epoch.
+
+    `steps` is the number of batches in this rank's full epoch (the same on every rank in training);
+    iteration yields batches `start_batch .. steps - 1`. With `raw=True` images stay uint8 [B, C, H, W].
+    """
+
+    def __init__(self, plan: _Plan, steps: int, start_batch: int, mean: torch.Tensor, std: torch.Tensor, raw: bool):
+        self.steps = steps
+        self.start_batch = start_batch
+        self._plan, self._mean, self._std, self._raw = plan, mean, std, raw
+
+    def __len__(self) -> int:
+        return self.steps - self.start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = _Stream(self._plan)
+        if self._plan.processes > 0:
+            stream = DataLoader(stream, batch_size=None, num_workers=self._plan.processes)
+        for n, item in enumerate(stream):
+            if isinstance(item, str):  # a worker's VmoeError message, passed as data to keep it one line
+                raise VmoeError(item)
+            images, labels = item
+            if not self._raw:
+                images = (images.float() / 255 - self._mean) / self._std
+            yield images, labels
+            if n + 1 == len(self):
+                return
+
+
+def build_loader(
+    shard_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    channels: int,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    augment: AugmentConfig | None = None,
+    resampled: bool = False,
+    epoch_images: int | None = None,
+    start_batch: int = 0,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+    mean: float | Sequence[float] = 0.5,
+    std: float | Sequence[float] = 0.5,
+    raw: bool = False,
+) -> Loader:
+    """The loader of `split` for one rank and epoch (see the module docstring for who reads what).
+
+    `workers` DataLoader processes (0 or 1 read in this process); `augment` applies in training only (eval
+    resizes only); `epoch_images` is the epoch length of resampled mode (default: the split's size);
+    `start_batch` resumes an epoch; pixels become `(x / 255 - mean) / std` per channel.
+    """
+    manifest = read_manifest(shard_dir)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise VmoeError(f"{shard_dir}: no split {split!r} (has: {', '.join(splits) or 'none'})")
+    shards = [(s["file"], int(s["count"])) for s in splits[split]["shards"]]
+    augment = augment or AugmentConfig()
+    augment.validate()
+    _check_args(batch_size, image_size, channels, rank, world_size, workers, train, resampled)
+    slots = max(1, workers)
+
+    if resampled:
+        total = splits[split]["count"] if epoch_images is None else epoch_images
+        steps = total // (batch_size * world_size)
+        per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
+    elif train:
+        if len(shards) < world_size * slots:
+            raise VmoeError(
+                f"{shard_dir}: split {split!r} has {len(shards)} shards, fewer than ranks x workers = "
+                f"{world_size} x {slots}; use resampled mode or re-shard with smaller shards"
+            )
+        order = _shard_order(len(shards), seed, epoch)
+        full = [
+            [
+                sum(shards[i][1] for i in _train_shards(order, r, world_size, w, slots)) // batch_size
+                for w in range(slots)
+            ]
+            for r in range(world_size)
+        ]
+        per_worker, steps = full[rank], min(sum(f) for f in full)
+    else:
+        start, end = _eval_range(sum(c for _, c in shards), rank, world_size)
+        steps = math.ceil((end - start) / batch_size)
+        per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
+    if train and steps == 0:
+        raise VmoeError(
+            f"{shard_dir}: split {split!r} gives no full batch of {batch_size} per rank; lower the batch size"
+        )
+    if not 0 <= start_batch <= steps:
+        raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
+
+    schedule = _schedule(per_worker, steps)
+    plan = _Plan(
+        shard_dir=Path(shard_dir),
+        shards=shards,
+        split=split,
+        batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        train=train,
+        rank=rank,
+        world_size=world_size,
+        processes=workers,
+        workers=slots,
+        seed=seed,
+        epoch=epoch,
+        augment=augment,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        first=[schedule[:start_batch].count(w) for w in range(slots)],
+        stop=[schedule.count(w) for w in range(slots)],
+        offset=schedule[start_batch] if start_batch < steps else 0,
+    )
+    return Loader(plan, steps, start_batch, _per_channel(mean, channels), _per_channel(std, channels), raw)
+
+
+def _check_args(
+    batch_size: int,
+    image_size: int,
+    channels: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    train: bool,
+    resampled: bool,
+) -> None:
+    if batch_size < 1 or image_size < 1:
+        raise VmoeError(f"batch size and image size must be >= 1, got {batch_size} and {image_size}")
+    if channels not in (1, 3):
+        raise VmoeError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if not 0 <= rank < world_size:
+        raise VmoeError(f"rank {rank} is outside 0..{world_size - 1}")
+    if workers < 0:
+        raise VmoeError(f"workers must be >= 0, got {workers}")
+    if resampled and not train:
+        raise VmoeError("resampled mode is for training; evaluation reads every sample once")
+
+
+def _per_channel(value: float | Sequence[float], channels: int) -> torch.Tensor:
+    values = [float(value)] * channels if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != channels:
+        raise VmoeError(f"mean/std need 1 or {channels} values, got {list(values)}")
+    return torch.tensor(values).view(1, channels, 1, 1)
+
+
+def _shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """Shard permutation shared by all ranks: it depends on (seed, epoch) only."""
+    order = list(range(num_shards))
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _train_shards(order: list[int], rank: int, world_size: int, worker: int, workers: int) -> list[int]:
+    return order[rank::world_size][worker::workers]
+
+
+def _eval_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The [start, end) samples of `rank` in manifest order; the ranges of all ranks tile [0, total)."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def _schedule(per_worker: list[int], steps: int) -> list[int]:
+    """Worker of each batch of the epoch: round-robin, skipping exhausted workers, cut at `steps`.
+
+    This is the order in which torch's DataLoader returns batches of an IterableDataset.
+    """
+    order: list[int] = []
+    for r in range(max(per_worker, default=0)):
+        order += [w for w, n in enumerate(per_worker) if r < n]
+    return order[:steps]
+
+
+class _Stream(IterableDataset):
+    """One logical worker's batches, uint8 images; runs in a DataLoader worker or in-process."""
+
+    def __init__(self, plan: _Plan):
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | str]:
+        p = self.plan
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + p.offset) % p.workers
+        try:
+            yield from self._batches(worker)
+        except VmoeError as e:
+            yield str(e)
+
+    def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        p = self.plan
+        first, stop = p.first[worker], p.stop[worker]
+        if first >= stop:
+            return
+        images, labels = [], []
+        for n, sample in enumerate(self._samples(worker)):
+            if n < first * p.batch_size:  # resume: skip before decoding
+                continue
+            images.append(self._image(sample, worker, n))
+            labels.append(sample["label"])
+            if len(images) == p.batch_size:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+                images, labels = [], []
+                if (n + 1) // p.batch_size == stop:
+                    return
+        if images and not p.train:  # eval keeps its last partial batch
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+    def _image(self, sample: dict[str, Any], worker: int, n: int) -> torch.Tensor:
+        p = self.plan
+        try:
+            img = _open(sample["image"], p.channels)
+        except Exception as e:
+            raise VmoeError(f"{sample['shard']}: sample {sample['key']}: unreadable image ({e}); re-shard") from None
+        if p.train:
+            rng = random.Random(f"augment:{p.seed}:{p.epoch}:{p.rank}:{worker}:{n}")
+            img = augment_image(img, p.image_size, p.augment, rng)
+        else:
+            img = resize(img, p.image_size)
+        return _to_tensor(img)
+
+    def _samples(self, worker: int) -> Iterator[dict[str, Any]]:
+        """Undecoded samples of this worker, in epoch order."""
+        p = self.plan
+        if not p.train:
+            start, end = _eval_range(sum(c for _, c in p.shards), p.rank, p.world_size)
+            for i, sample in enumerate(_read_range(p.shard_dir, p.shards, start, end)):
+                if (i // p.batch_size) % p.workers == worker:  # this worker's batches; the rest stay undecoded
+                    yield sample
+            return
+        rng = random.Random(f"samples:{p.seed}:{p.epoch}:{p.rank}:{worker}")
+        if p.resampled:
+            files = (rng.randrange(len(p.shards)) for _ in itertools.count())  # endless draws with replacement
+        else:
+            files = iter(
+                _train_shards(_shard_order(len(p.shards), p.seed, p.epoch), p.rank, p.world_size, worker, p.workers)
+            )
+        samples = (s for i in files for s in _read_shard(p.shard_dir, *p.shards[i]))
+        yield from _shuffle(samples, p.shuffle_buffer, rng)
+
+
+def _shuffle(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Shuffle buffer: emit a random one of the last `size` samples read; drain it shuffled at the end."""
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _read_range(shard_dir: Path, shards: list[tuple[str, int]], start: int, end: int) -> Iterator[dict[str, Any]]:
+    """Samples [start, end) of the split in manifest order, opening only the shards that hold them."""
+    first = 0
+    for file, count in shards:
+        if first < end and start < first + count:
+            for n, sample in enumerate(_read_shard(shard_dir, file, count), first):
+                if start <= n < end:
+                    yield sample
+        first += count
+
+
+def _read_shard(shard_dir: Path, file: str, count: int) -> Iterator[dict[str, Any]]:
+    """Samples of one shard as `{key, shard, image: bytes, label: int}`; checks the count against the manifest."""
+    path = shard_dir / file
+    if not path.is_file():
+        raise VmoeError(f"{path}: shard listed in {MANIFEST} is missing; re-run `vmoe shard`")
+    n = 0
+    try:
+        for sample in wds.tariterators.tarfile_samples([{"url": str(path)}], select_files=_wanted):
+            n += 1
+            yield {
+                "key": sample["__key__"],
+                "shard": str(path),
+                "image": _image_bytes(sample, path),
+                "label": _label(sample, path),
+            }
+    except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+        raise VmoeError(f"{path}: unreadable shard ({e}); re-run `vmoe shard`") from None
+    if n != count:
+        raise VmoeError(f"{path}: has {n} samples, {MANIFEST} says {count}; re-run `vmoe shard`")
+
+
+def _wanted(fname: str) -> bool:
+    return not fname.endswith(".json")
+
+
+def _image_bytes(sample: dict[str, Any], path: Path) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise VmoeError(f"{path}: sample {sample['__key__']} has no image member; re-run `vmoe shard`")
+
+
+def _label(sample: dict[str, Any], path: Path) -> int:
+    try:
+        return int(sample["cls"])
+    except (KeyError, ValueError):
+        raise VmoeError(f"{path}: sample {sample['__key__']} has no valid .cls label; re-run `vmoe shard`") from None
