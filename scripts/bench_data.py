@@ -6,8 +6,8 @@ Loading: the vmoe loader over the written shards with 0, 1 and 2 DataLoader work
 training mode (decode + random-resized crop + flip + RandAugment(2, 9), resampled) and in
 evaluation mode (decode + resize), against a stock `webdataset.WebDataset(...).decode()` loop.
 Throughput counts decoded, augmented images delivered to the caller, worker start-up included.
-Whether loading outpaces training is judged against the training step rate, measured by the
-training benchmark; this script reports the loader side only.
+Whether loading outpaces training is judged against the training step rate of the tiny
+Fashion-MNIST V-MoE recipe (forward + backward + AdamW step, batch 128, all threads), measured last.
 
 Usage:  python scripts/bench_data.py [--source PATH|digits] [--images 20000] [--shard-size 2000]
 The source defaults to Fashion-MNIST (70,000 images) when the Debian package is installed at
@@ -109,6 +109,29 @@ def stock_rate(shards: Path, split: str, images: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def train_rate(recipe: str, batch: int = 128, steps: int = 5) -> float:
+    """Images/s of training steps (forward, backward, AdamW) of `recipe`'s model on random images."""
+    from vmoe_cli.config import load_recipe
+    from vmoe_cli.models.vit import VisionTransformer
+
+    cfg = load_recipe(recipe).model
+    model = VisionTransformer(cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
+    labels = torch.randint(0, cfg.num_classes, (batch,))
+
+    def step() -> None:
+        out = model(images)
+        loss = torch.nn.functional.cross_entropy(out.logits, labels) + out.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    seconds, _ = timed(lambda: [step() for _ in range(steps)])
+    return steps * batch / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = str(FASHION_MNIST) if FASHION_MNIST.is_dir() else "digits"
@@ -117,11 +140,13 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=2000, help="images per shard")
     parser.add_argument("--shard-workers", type=int, default=2, help="processes of the vmoe writer")
     parser.add_argument("--size", type=int, default=28, help="image side the loader delivers")
+    parser.add_argument("--recipe", default="recipes/fmnist-vmoe.yaml", help="recipe whose training rate to compare")
     args = parser.parse_args()
 
     source = open_source(args.source)
     total = sum(len(items) for items in source.splits.values())
     print(f"source: {source.spec} ({total} images, splits {', '.join(source.splits)}); torch threads 1")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         naive_dir, vmoe_dir = Path(tmp, "naive"), Path(tmp, "vmoe")
@@ -143,6 +168,9 @@ def main() -> None:
                 rate = load_rate(vmoe_dir, split, train, workers, args.images, 1, args.size)
                 name = f"vmoe {'train (crop, flip, RandAugment 2/9)' if train else 'eval (resize)'}, {workers} workers"
                 print(f"{name:<50} {rate:>10.0f} {rate / stock:>8.2f}x")
+    torch.set_num_threads(threads)
+    rate = train_rate(args.recipe)
+    print(f"\n{'training step of ' + args.recipe + ', batch 128':<50} {rate:>10.0f} images/s")
 
 
 if __name__ == "__main__":
