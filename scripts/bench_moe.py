@@ -9,7 +9,7 @@ Baselines, all in this one process and on the same inputs:
           token to K=2 experts with GShard-style capacity K x cf (threshold_train=0,
           second_policy_train='all'), groups of the same size, plain GELU MLP experts.
 
-Usage:  python scripts/bench_moe.py [--device cuda] [--repeats 11] [--experts 8 32]
+Usage:  python scripts/bench_moe.py [--device cuda] [--rounds 3] [--block 4] [--experts 8 32]
 "/ dense" is the median over rounds of the case's time over the dense case's time in the same round.
 Peak memory on CPU is the growth of the process's resident set during one forward+backward,
 measured in a fresh subprocess per case; on CUDA it is torch.cuda.max_memory_allocated.
@@ -158,22 +158,30 @@ def step_fn(module: nn.Module, shape: tuple[int, ...], device: str) -> Callable[
     return step
 
 
-def time_cases(cases: dict, device: str, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds per forward+backward, and the median over rounds of each case's time divided
-    by the dense case's time in the same round: cases run interleaved, round by round, so drift in
-    the machine's speed hits a case and its baseline alike."""
+def time_cases(cases: dict, device: str, rounds: int, block: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per forward+backward, and each case's median over rounds of its time divided by
+    the dense case's time in the same round.
+
+    Each round runs every case for a block of consecutive steps, the first discarded: the steady state
+    a training loop sees, without another case's allocations in between (freeing gigabytes makes the
+    next steps page-fault fresh memory). Rounds interleave the cases, so drift hits all alike.
+    """
     steps = {name: step_fn(factory(), shape, device) for name, (factory, shape) in cases.items()}
-    for step in steps.values():
-        step()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    times: dict[str, list[list[float]]] = {name: [] for name in steps}
+    for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    dense = times[DENSE]
-    ratios = {name: statistics.median(a / b for a, b in zip(t, dense, strict=True)) for name, t in times.items()}
-    return {name: statistics.median(t) for name, t in times.items()}, ratios
+            step()  # warm-up of the block
+            block_times = []
+            for _ in range(block):
+                start = time.perf_counter()
+                step()
+                block_times.append(time.perf_counter() - start)
+            times[name].append(block_times)
+    medians = {name: [statistics.median(b) for b in blocks] for name, blocks in times.items()}
+    ratios = {
+        name: statistics.median(a / b for a, b in zip(m, medians[DENSE], strict=True)) for name, m in medians.items()
+    }
+    return {name: statistics.median(t for b in blocks for t in b) for name, blocks in times.items()}, ratios
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -213,7 +221,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all cases")
+    parser.add_argument("--block", type=int, default=4, help="timed steps per case and round (after 1 warm-up)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -223,7 +232,7 @@ def main() -> None:
     results = []
     for num_experts in args.experts:
         cases = build_cases(num_experts, args.images)
-        times, ratios = time_cases(cases, args.device, args.repeats)
+        times, ratios = time_cases(cases, args.device, args.rounds, args.block)
         mem = {}
         if not args.no_memory:
             for name in cases:
