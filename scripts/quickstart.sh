@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-.venv/bin/vmoe shard digits --out shards/digits --minival 0.1
+.venv/bin/vmoe shard digits --out shards/digits --minival 0.1 --shard-size 200
 .venv/bin/vmoe shard-info shards/digits --verify
 .venv/bin/vmoe model-info recipes/digits-vmoe.yaml
 .venv/bin/vmoe model-info recipes/vmoe-s32-last2.yaml
