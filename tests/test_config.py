@@ -176,3 +176,13 @@ def test_dump_and_load_round_trip(tmp_path: Path):
     assert again == recipe
     assert recipe_to_dict(again)["model"]["moe"]["layers"] == [1, 3]
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_data_and_train_sections_fill_nested_dataclasses_and_reject_typos():
+    recipe = load_recipe(DIGITS_VMOE, ("data.augment.mixup=0.2", "train.betas=[0.9, 0.95]"))
+    assert recipe.data.augment.mixup == 0.2 and recipe.data.augment.flip is False  # defaults kept beside overrides
+    assert recipe.train.betas == [0.9, 0.95] and recipe.train.optimizer == "adamw"
+    assert "did you mean 'lr'?" in error_of(DIGITS_VMOE, ("train.lrr=1",))
+    assert "did you mean 'mixup'?" in error_of(DIGITS_VMOE, ("data.augment.mixups=1",))
+    assert "one of 'cosine'" in error_of(DIGITS_VMOE, ("train.schedule=cosin",))
+    assert "train.steps or train.epochs" in error_of(DIGITS_VMOE, ("train.steps=null",))

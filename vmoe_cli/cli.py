@@ -46,6 +46,7 @@ def main() -> None:
       vmoe model-info recipes/digits-vit.yaml --set model.moe.k=1 --set model.moe.bpr=true
       vmoe shard digits --out shards/digits --minival 0.1
       vmoe shard-info shards/digits --verify
+      vmoe pretrain recipes/digits-vmoe.yaml --out runs/digits-vmoe
     """
 
 
@@ -180,6 +181,34 @@ def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int) ->
     click.echo(f"{total} shards " + ("verified (size and sha256)" if verify else "present with the right sizes"))
 
 
+@main.command("pretrain")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory [default: runs/RECIPE].")
+@click.option("--resume", metavar="latest|PATH", help="Continue from the run's newest checkpoint, or from PATH.")
+def pretrain(recipe: Path, overrides: tuple[str, ...], out_dir: Path | None, resume: str | None) -> None:
+    """Train the model of RECIPE from scratch; writes config.yaml, metrics.jsonl and checkpoints/.
+
+    \b
+    Multi-process (CPU or GPU), e.g.:
+      torchrun --nproc_per_node 2 -m vmoe_cli.cli pretrain RECIPE
+    """
+    from vmoe_cli.train.loop import pretrain as run_pretrain
+
+    out_dir = out_dir or Path("runs") / recipe.stem
+    start = time.perf_counter()
+    try:
+        result = run_pretrain(load_recipe(recipe, overrides), out_dir, resume)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: continue with --out {out_dir} --resume latest", err=True)
+        raise SystemExit(130) from None
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        click.echo(
+            f"{out_dir}: step {result['step']}, eval top-1 {result['eval_top1']:.4f} "
+            f"({result['eval_correct']}/{result['eval_total']}), {time.perf_counter() - start:.1f} s"
+        )
+
+
 def _parse_bytes(text: str) -> int:
     """'500MB' -> 500_000_000, '1GiB' -> 2**30, '4096' -> 4096."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text, re.IGNORECASE)
@@ -199,3 +228,7 @@ def _format(value: object) -> str:
         return f"{value:g}"
     decimals = max(0, 2 - math.floor(math.log10(abs(value))))
     return f"{value:,.{decimals}f}"
+
+
+if __name__ == "__main__":  # `python -m vmoe_cli.cli`, as torchrun runs it
+    main()

@@ -1,6 +1,8 @@
 """Recipes: YAML -> typed dataclasses, `--set` overrides, validation with suggestions.
 
-A recipe is one YAML file whose sections fill the dataclasses below (today only `model:`).
+A recipe is one YAML file whose sections fill the dataclasses below: `model:` (models/config.py),
+`data:` (which shards, how they are read and augmented) and `train:` (optimiser, schedule, duration,
+logging and checkpointing). `data` and `train` are optional: `model-info` needs only the model.
 `from_dict` is generic: it walks the dataclass fields and their type hints, so a new
 config field is a new recipe key with no parsing code. Every mistake becomes one
 `VmoeError` line naming the file and the full dotted key, with a suggestion when a
@@ -15,12 +17,13 @@ import os
 import tempfile
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vmoe_cli.data.augment import AugmentConfig
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.config import ModelConfig
 
@@ -28,11 +31,78 @@ T = TypeVar("T")
 
 
 @dataclass
+class DataConfig:
+    """Where the images come from and how the loader reads them (vmoe_cli/data/loader.py)."""
+
+    shards: str = ""  # shard directory written by `vmoe shard` (relative paths: to the working directory)
+    train_split: str = "train"  # split trained on
+    eval_split: str = "test"  # split evaluated on ('minival' for sources without a test split)
+    workers: int = 0  # DataLoader worker processes per rank; 0 reads in the training process
+    resampled: bool = False  # draw shards with replacement (epochs of `epoch_images`); needs no shards >= ranks
+    epoch_images: int | None = None  # epoch length in resampled mode; null = the split's size
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation and mixup alpha
+    mean: float | list[float] = 0.5  # pixels become (x / 255 - mean) / std, one value or one per channel
+    std: float | list[float] = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """One training run: duration, optimiser, schedule, loss, precision, logging and checkpoints.
+
+    A step is one optimiser update of `batch_size` images in all, over all processes and `grad_accum`
+    micro-batches, so the per-process micro-batch is batch_size / (processes * grad_accum).
+    """
+
+    batch_size: int = 128  # images per optimiser step, summed over processes and accumulation
+    steps: int | None = None  # optimiser steps; wins over `epochs` when both are set
+    epochs: float | None = None  # duration in passes over the train split, when `steps` is null
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW (decoupled decay) or SGD with momentum
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.0  # on weight matrices only (Linear/conv/expert/router kernels), never on biases,
+    #   LayerNorm, position embedding or CLS; decoupled for adamw, torch's L2 for sgd
+    momentum: float = 0.9  # sgd momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw betas
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    schedule: Literal["cosine", "linear", "rsqrt", "constant"] = "cosine"  # decay after warmup (to 0 but rsqrt)
+    grad_clip: float | None = 1.0  # clip the global gradient norm to this; null = no clipping
+    label_smoothing: float = 0.0  # targets (1 - s) * one_hot + s / classes
+    loss: Literal["softmax", "sigmoid"] = "softmax"  # softmax cross-entropy or per-class sigmoid BCE
+    grad_accum: int = 1  # micro-batches per optimiser step
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate autocast
+    eval_every: int = 0  # evaluate every N steps; 0 = only at the end (always at the end)
+    checkpoint_every: int = 0  # checkpoint every N steps; 0 = only at the end (always at the end)
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    seed: int = 0  # seeds the model init, data order, augmentation and every step's noise
+    log_every: int = 10  # write a metrics line every N steps
+
+    def validate(self) -> None:
+        """Raise VmoeError naming the key when a value is impossible."""
+        if self.steps is None and self.epochs is None:
+            raise VmoeError("set train.steps or train.epochs")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise VmoeError("train.steps and train.epochs must be > 0")
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
+        positive["keep_last"] = self.keep_last
+        for name, value in positive.items():
+            if value < 1:
+                raise VmoeError(f"train.{name} must be >= 1, got {value}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise VmoeError(f"train.{name} must be >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise VmoeError("train.lr must be > 0, train.weight_decay >= 0 and train.label_smoothing in [0, 1)")
+        if len(self.betas) != 2:
+            raise VmoeError(f"train.betas must be two numbers, got {self.betas}")
+
+
+@dataclass
 class Recipe:
-    """One recipe file. Later sections (data, train) become further fields here."""
+    """One recipe file: the model, and for training commands the data and train sections."""
 
     model: ModelConfig  # the `model:` section
     description: str = ""  # one line saying what the recipe is for
+    data: DataConfig | None = None  # the `data:` section; training and evaluation need it
+    train: TrainConfig | None = None  # the `train:` section; pretrain and finetune need it
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -46,6 +116,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     try:
         recipe = from_dict(Recipe, data)
         recipe.model.validate()
+        if recipe.data is not None:
+            recipe.data.augment.validate()
+        if recipe.train is not None:
+            recipe.train.validate()
     except VmoeError as e:
         raise VmoeError(f"{path}: {e}") from None
     return recipe

@@ -79,8 +79,8 @@ def load_loss(logits_GSE: Tensor, noisy_logits_GSE: Tensor, sigma: float, k: int
     noisy logit: p = 1 - Phi((threshold - logit) / sigma), averaged over tokens.
     """
     threshold_GS1 = noisy_logits_GSE.topk(k, dim=-1).values[..., -1:]
-    normal = torch.distributions.Normal(0.0, 1.0)
-    p_GSE = 1.0 - normal.cdf((threshold_GS1 - logits_GSE) / sigma)
+    # ndtr, not distributions.Normal: its argument validation raises on NaN instead of passing it on
+    p_GSE = 1.0 - torch.special.ndtr((threshold_GS1 - logits_GSE) / sigma)
     return _cv_squared(p_GSE.mean(dim=1))
 
 

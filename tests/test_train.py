@@ -1,0 +1,133 @@
+"""pretrain: metrics and checkpoints, bit-identical resume after SIGKILL, NaN abort, two CPU processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from vmoe_cli.checkpoint import find_resume, load_model
+from vmoe_cli.cli import main
+from vmoe_cli.config import load_recipe
+from vmoe_cli.data.shard import ShardOptions, write_shards
+from vmoe_cli.data.sources import open_source
+from vmoe_cli.train.loop import pretrain
+from vmoe_cli.train.report import TIMING
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "digits-vmoe.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The digits, sharded once: 6 train shards of <= 300 samples, 180 minival samples."""
+    out = tmp_path_factory.mktemp("digits")
+    write_shards(open_source("digits"), out, ShardOptions(shard_size=300, minival=0.1), workers=1)
+    return out
+
+
+def settings(shards: Path, steps: int, **train: object) -> list[str]:
+    values = {"steps": steps, "log_every": 5, "eval_every": 0, "checkpoint_every": 0, "warmup_steps": 5, **train}
+    return [f"data.shards={shards}"] + [f"train.{k}={v}" for k, v in values.items()]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def weights_digest(checkpoint: Path) -> str:
+    tensors = load_file(checkpoint / "model.safetensors")
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vmoe_cli.cli", *args]
+
+
+def test_pretrain_writes_metrics_evals_and_checkpoints(digits, tmp_path):
+    recipe = load_recipe(RECIPE, settings(digits, 30, eval_every=15, checkpoint_every=10, keep_last=2))
+    result = pretrain(recipe, tmp_path / "run")
+    run = tmp_path / "run"
+    records = metrics(run)
+    train_lines = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_top1" in r]
+    assert [r["step"] for r in train_lines] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in evals] == [15, 30] and all(r["eval_total"] == 180 for r in evals)
+    assert result == evals[-1] and result["eval_top1"] > 0.3  # 10 classes: chance is 0.1
+    last = train_lines[-1]
+    assert {"lr", "aux_loss", "images_per_s", "moe1/dropped_all", "moe3/load_entropy"} <= last.keys()
+    assert len(last["moe3/expert_load"]) == 4 and last["loss"] < train_lines[0]["loss"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last", "step_00000020", "step_00000030"]
+    assert find_resume(run, "latest").name == "step_00000030"
+    model = load_model(find_resume(run, "latest"))
+    assert model(torch.zeros(3, 1, 8, 8)).logits.shape == (3, 10)
+    assert (run / "config.yaml").is_file()
+
+
+def test_killed_run_resumes_to_identical_weights_and_metrics(digits, tmp_path):
+    args = ["pretrain", str(RECIPE), *sum((["--set", s] for s in settings(digits, 60, checkpoint_every=7)), [])]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cli(*args, "--out", str(whole)), check=True, capture_output=True, cwd=ROOT)
+
+    process = subprocess.Popen(cli(*args, "--out", str(killed)), cwd=ROOT, stderr=subprocess.DEVNULL)
+    while not (killed / "checkpoints" / "last").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = find_resume(killed, "latest").name
+    assert killed_at != "step_00000060", "the run finished before the kill; the test proves nothing"
+    subprocess.run(cli(*args, "--out", str(killed), "--resume", "latest"), check=True, capture_output=True, cwd=ROOT)
+
+    final = "checkpoints/step_00000060"
+    assert weights_digest(killed / final) == weights_digest(whole / final)
+    assert without_timing(metrics(killed)) == without_timing(metrics(whole))
+
+
+def test_nan_loss_stops_with_one_line(digits, tmp_path):
+    args = ["pretrain", str(RECIPE), "--out", str(tmp_path / "run")]
+    args += sum((["--set", s] for s in settings(digits, 20, lr=1e30, grad_clip="null")), [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "loss is not finite" in result.stderr
+
+
+def test_existing_run_needs_resume(digits, tmp_path):
+    args = ["pretrain", str(RECIPE), "--out", str(tmp_path / "run")]
+    args += sum((["--set", s] for s in settings(digits, 5)), [])
+    assert CliRunner().invoke(main, args).exit_code == 0
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--resume latest" in result.stderr
+
+
+def test_two_cpu_processes_train_evaluate_once_and_resume(digits, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "-m", "vmoe_cli.cli"]
+    args = ["pretrain", str(RECIPE), "--out", str(run)]
+    args += sum((["--set", s] for s in settings(digits, 10, checkpoint_every=5)), [])
+    subprocess.run(torchrun + args, check=True, capture_output=True, env=env, cwd=ROOT, timeout=120)
+    evals = [r for r in metrics(run) if "eval_top1" in r]
+    assert len(evals) == 1 and evals[0]["eval_total"] == 180  # every minival sample once over both ranks
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last", "step_00000005", "step_00000010"]
+
+    more = args + ["--set", "train.steps=15", "--resume", "latest"]
+    subprocess.run(torchrun + more, check=True, capture_output=True, env=env, cwd=ROOT, timeout=120)
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [5, 10, 15]

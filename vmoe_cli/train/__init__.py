@@ -1,0 +1,1 @@
+"""Training: one Accelerate loop shared by pretrain and finetune."""

@@ -1,0 +1,52 @@
+"""Optimiser and learning-rate schedule of a recipe's `train:` section.
+
+Weight decay goes to weight matrices only: parameters named `weight`, `w1` or `w2` with two or more
+dimensions (Linear, patch-embedding conv, router and stacked expert kernels). Biases (expert biases
+`b1`/`b2` are 3-D but still biases), LayerNorm scales, the position embedding and the CLS token
+never decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vmoe_cli.config import TrainConfig
+
+DECAYED = ("weight", "w1", "w2")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or SGD with momentum, with the two parameter groups above."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 and name.rsplit(".", 1)[-1] in DECAYED else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step` (0-based) as a fraction of the peak: linear warmup, then the decay."""
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "rsqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return 1 - progress
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimiser step over `total` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg))

@@ -1,0 +1,97 @@
+"""What a run tells the world: metrics.jsonl lines (rank 0 only) and a progress display on stderr.
+
+Timing fields are kept in their own keys (`TIMING`) so that two runs of the same recipe can be compared
+line by line with those keys left out: on CPU with one process everything else is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+METRICS = "metrics.jsonl"
+TIMING = ("images_per_s", "elapsed_s")  # wall-clock keys: differ between otherwise identical runs
+
+
+class Reporter:
+    """Appends metrics lines and shows progress: a rich bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, run_dir: Path, main: bool, total: int, start: int):
+        self.path = run_dir / METRICS
+        self.main = main
+        self.start_time = time.perf_counter()
+        self._last = (start, self.start_time)
+        self._progress: Progress | None = None
+        if not main:
+            return
+        keep_until(self.path, start)  # a resumed run rewrites what came after its checkpoint
+        if sys.stderr.isatty():
+            columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn())  # fmt: skip
+            self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
+            self._bar = self._progress.add_task("training", total=total, completed=start)
+            self._progress.start()
+
+    def train(self, record: dict[str, Any], images_per_step: int) -> None:
+        """Write a training line, adding images/s since the previous training line."""
+        now = time.perf_counter()
+        step, then = self._last
+        record["images_per_s"] = (record["step"] - step) * images_per_step / max(now - then, 1e-9)
+        record["elapsed_s"] = now - self.start_time
+        self._last = (record["step"], now)
+        self._write(record)
+        summary = f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.3g}"
+        if self._progress is not None:
+            self._progress.update(self._bar, completed=record["step"], description=summary)
+        else:
+            self._echo(f"{summary} {record['images_per_s']:,.0f} images/s")
+
+    def eval(self, record: dict[str, Any]) -> None:
+        """Write an evaluation line and show it."""
+        self._write(record)
+        self._echo(f"step {record['step']} eval top-1 {record['eval_top1']:.4f} "
+                   f"({record['eval_correct']}/{record['eval_total']})")  # fmt: skip
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.main:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _echo(self, line: str) -> None:
+        if not self.main:
+            return
+        if self._progress is not None:
+            self._progress.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def keep_until(path: Path, step: int) -> None:
+    """Drop the lines of metrics file `path` after `step`, atomically (temp file, then rename)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinity for a line cut short by a kill (so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
