@@ -29,8 +29,15 @@ def error_of(path: Path | str, overrides: tuple[str, ...] = ()) -> str:
 
 def test_recipes_dir_holds_the_shipped_recipes():
     names = {p.stem for p in RECIPES.glob("*.yaml")}
-    assert {"vmoe-s32-last2", "vmoe-h14-every2", "vit-s32-paper", "digits-vmoe", "fmnist-vmoe"} <= names
-    assert len(names) == 13
+    assert {
+        "vmoe-s32-last2",
+        "vmoe-h14-every2",
+        "vit-s32-paper",
+        "digits-vmoe",
+        "fmnist-vmoe",
+        "digits-vmoe-finetune",
+    } <= names
+    assert len(names) == 15
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -19,22 +18,12 @@ from safetensors.torch import load_file
 from vmoe_cli.checkpoint import find_resume, load_model
 from vmoe_cli.cli import main
 from vmoe_cli.config import load_recipe
-from vmoe_cli.data.shard import ShardOptions, write_shards
-from vmoe_cli.data.sources import open_source
 from vmoe_cli.train.loop import pretrain
 from vmoe_cli.train.report import TIMING
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits-vmoe.yaml"
 VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    """The digits, sharded once: 6 train shards of <= 300 samples, 180 minival samples."""
-    out = tmp_path_factory.mktemp("digits")
-    write_shards(open_source("digits"), out, ShardOptions(shard_size=300, minival=0.1), workers=1)
-    return out
 
 
 def settings(shards: Path, steps: int, **train: object) -> list[str]:

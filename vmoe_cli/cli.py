@@ -10,6 +10,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -47,6 +48,7 @@ def main() -> None:
       vmoe shard digits --out shards/digits --minival 0.1
       vmoe shard-info shards/digits --verify
       vmoe pretrain recipes/digits-vmoe.yaml --out runs/digits-vmoe
+      vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
     """
 
 
@@ -196,9 +198,33 @@ def pretrain(recipe: Path, overrides: tuple[str, ...], out_dir: Path | None, res
     from vmoe_cli.train.loop import pretrain as run_pretrain
 
     out_dir = out_dir or Path("runs") / recipe.stem
+    _run_training(lambda: run_pretrain(load_recipe(recipe, overrides), out_dir, resume), out_dir)
+
+
+@main.command("finetune")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--from", "source", required=True, type=click.Path(path_type=Path),
+              help="Checkpoint directory to start from, or a run directory (its newest checkpoint).")  # fmt: skip
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory [default: runs/RECIPE].")
+@click.option("--resume", metavar="latest|PATH", help="Continue from the run's newest checkpoint, or from PATH.")
+def finetune(recipe: Path, source: Path, overrides: tuple[str, ...], out_dir: Path | None, resume: str | None) -> None:
+    """Fine-tune the weights of --from with RECIPE: new head, new resolution, classes and routing allowed.
+
+    Same run directory, metrics, checkpoints and --resume as pretrain; on resume the run's own
+    checkpoint is used and --from is not read.
+    """
+    from vmoe_cli.train.finetune import finetune as run_finetune
+
+    out_dir = out_dir or Path("runs") / recipe.stem
+    _run_training(lambda: run_finetune(load_recipe(recipe, overrides), source, out_dir, resume), out_dir)
+
+
+def _run_training(run: Callable[[], dict], out_dir: Path) -> None:
+    """Run a training function; one line on Ctrl-C, the final evaluation on rank 0."""
     start = time.perf_counter()
     try:
-        result = run_pretrain(load_recipe(recipe, overrides), out_dir, resume)
+        result = run()
     except KeyboardInterrupt:
         click.echo(f"interrupted: continue with --out {out_dir} --resume latest", err=True)
         raise SystemExit(130) from None

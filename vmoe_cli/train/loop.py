@@ -33,7 +33,7 @@ from vmoe_cli.data.augment import mixup
 from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
-from vmoe_cli.train.optim import build_optimizer, build_scheduler
+from vmoe_cli.train.optim import build_optimizer, build_scheduler, freeze
 from vmoe_cli.train.report import Reporter
 
 
@@ -57,6 +57,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
         raise VmoeError(f"{run_dir} already has checkpoints: add --resume latest, or choose another --out")
     _seed_everything(cfg.seed)
     model = model or VisionTransformer(recipe.model)
+    freeze(model, cfg.freeze)
 
     def loader(epoch: int, start: int) -> Loader:
         return _train_loader(data, cfg, recipe, micro, accelerator, epoch, start)

@@ -3,7 +3,7 @@
 Weight decay goes to weight matrices only: parameters named `weight`, `w1` or `w2` with two or more
 dimensions (Linear, patch-embedding conv, router and stacked expert kernels). Biases (expert biases
 `b1`/`b2` are 3-D but still biases), LayerNorm scales, the position embedding and the CLS token
-never decay.
+never decay. `freeze` switches off the gradients of a recipe's `train.freeze` prefixes first.
 """
 
 from __future__ import annotations
@@ -14,8 +14,21 @@ import torch
 from torch import nn
 
 from vmoe_cli.config import TrainConfig
+from vmoe_cli.errors import VmoeError
 
 DECAYED = ("weight", "w1", "w2")
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> None:
+    """Hold the parameters under each dotted-name prefix fixed; a prefix that names nothing is an error."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        hits = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        if not hits:
+            tops = ", ".join(dict.fromkeys(name.split(".")[0] for name in names))
+            raise VmoeError(f"train.freeze: {prefix!r} names no parameter (top-level names: {tops})")
+        for name in hits:
+            model.get_parameter(name).requires_grad_(False)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
