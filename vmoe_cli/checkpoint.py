@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.config import Recipe, dump_recipe, load_recipe
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import VisionTransformer
@@ -53,7 +53,7 @@ def save_checkpoint(
     torch.save(train_state, tmp / TRAIN_STATE)
     shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step
     os.replace(tmp, final)
-    _write_text(root / "last", name + "\n")
+    write_text_atomic(root / "last", name + "\n")
     for old in _complete(root)[:-keep_last]:
         shutil.rmtree(old)
     return final
@@ -104,14 +104,3 @@ def load_model(path: str | Path) -> VisionTransformer:
 def _complete(root: Path) -> list[Path]:
     """Complete checkpoints of `root`, oldest first (temporary directories never match)."""
     return sorted(p for p in root.glob("step_*") if p.is_dir())
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.data.augment import AugmentConfig
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.config import ModelConfig
@@ -134,17 +133,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe as YAML atomically: temp file in the same directory, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:

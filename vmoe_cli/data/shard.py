@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.data.sources import ArrayItem, Item, Source
 from vmoe_cli.errors import VmoeError
 
@@ -185,7 +186,7 @@ def write_shards(
             out / "sizes.json",
             {shard["file"]: shard["count"] for s in manifest["splits"].values() for shard in s["shards"]},
         )
-        _write_text(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
+        write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
     _check_skipped(len(skipped), total, max_skipped, out)
     if out is not None:
         _write_json(out / "manifest.json", manifest)
@@ -533,14 +534,4 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a temp file in the same folder, fsync, rename."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")

@@ -17,9 +17,8 @@ from vmoe_cli.models.presets import parse_variant
 class MoEConfig:
     """The MoE blocks: where they go, how tokens are routed, what the router pays."""
 
-    layers: str | list[int] = (
-        "every-2"  # "every-N" (blocks N-1, 2N-1, ...), "last-N" (last N odd blocks) or 0-based list
-    )
+    # "every-N" (blocks N-1, 2N-1, ...), "last-N" (the last N odd blocks) or a list of 0-based blocks
+    layers: str | list[int] = "every-2"
     num_experts: int = 8  # E
     k: int = 2  # experts selected per token
     capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`

@@ -32,7 +32,7 @@ SIZES: dict[str, Size] = {
 
 
 def parse_variant(variant: str) -> tuple[Size, int]:
-    """ "B/16" -> (Size of B, patch 16); raises VmoeError naming the valid sizes."""
+    """Parse "B/16" into (Size of B, patch 16); raises VmoeError naming the valid sizes."""
     name, _, patch = variant.partition("/")
     if name not in SIZES or not patch.isdigit() or int(patch) < 1:
         raise VmoeError(

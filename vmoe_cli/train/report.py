@@ -7,15 +7,15 @@ line by line with those keys left out: on CPU with one process everything else i
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+from vmoe_cli.atomic import write_text_atomic
 
 METRICS = "metrics.jsonl"
 TIMING = ("images_per_s", "elapsed_s")  # wall-clock keys: differ between otherwise identical runs
@@ -83,10 +83,7 @@ def keep_until(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _step_of(line: str) -> float:
