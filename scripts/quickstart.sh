@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 vmoe=.venv/bin/vmoe
-$vmoe shard digits --out shards/digits --minival 0.1 --shard-size 200
+$vmoe shard digits --out shards/digits --minival 0.1 --test 0.2 --shard-size 200
 $vmoe shard-info shards/digits --verify
 $vmoe model-info recipes/digits-vmoe.yaml
 for recipe in digits-vmoe digits-vit; do

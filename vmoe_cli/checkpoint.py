@@ -75,6 +75,16 @@ def find_resume(run_dir: str | Path, which: str) -> Path:
     return path
 
 
+def resolve_checkpoint(path: str | Path, option: str) -> Path:
+    """A checkpoint directory, or a run directory meaning its newest checkpoint; `option` names the flag."""
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() and (path / "checkpoints").is_dir():
+        return find_resume(path, "latest")
+    if not (path / WEIGHTS).is_file():
+        raise VmoeError(f"{option} {path}: not a checkpoint (no {WEIGHTS}) nor a run directory (no checkpoints/)")
+    return path
+
+
 def load_recipe_of(path: str | Path) -> Recipe:
     """The resolved recipe stored in a checkpoint."""
     return load_recipe(Path(path) / CONFIG)

@@ -6,11 +6,12 @@ User mistakes surface as `VmoeError`; `_Group.invoke` turns every one of them in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -45,10 +46,11 @@ def main() -> None:
     Examples:
       vmoe model-info recipes/vmoe-s32-last2.yaml
       vmoe model-info recipes/digits-vit.yaml --set model.moe.k=1 --set model.moe.bpr=true
-      vmoe shard digits --out shards/digits --minival 0.1
+      vmoe shard digits --out shards/digits --minival 0.1 --test 0.2
       vmoe shard-info shards/digits --verify
       vmoe pretrain recipes/digits-vmoe.yaml --out runs/digits-vmoe
       vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
+      vmoe fewshot --checkpoint runs/digits-vmoe shards/digits
     """
 
 
@@ -75,13 +77,14 @@ def model_info(recipe: Path, overrides: tuple[str, ...]) -> None:
 @click.argument("source")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--minival", default=0.0, show_default=True, help="Fraction of train held out as the 'minival' split.")
+@click.option("--test", default=0.0, show_default=True, help="Fraction of train held out as 'test' (digits has none).")
 @click.option("--encoding", type=click.Choice(["keep", "png", "jpg"]), default="keep", show_default=True,
               help="keep: store JPEG/PNG/WebP bytes as they are (other formats and arrays become PNG).")  # fmt: skip
 @click.option("--quality", default=95, show_default=True, help="JPEG quality when encoding to jpg.")
 @click.option("--resize", type=int, help="Shrink images so the shorter side is this many pixels (never enlarges).")
 @click.option("--shard-size", default=5000, show_default=True, help="Most samples per shard.")
 @click.option("--shard-bytes", help="Most bytes per shard, e.g. 500MB or 1GiB (planned from input sizes).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the sample order and of the minival hold-out.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample order and of the hold-outs.")
 @click.option("--limit", type=int, help="Keep only the first N samples of each split (after shuffling).")
 @click.option("--class-names", help="Comma-separated class names replacing the source's, in label order.")
 @click.option("--workers", default=os.cpu_count() or 1, show_default="CPU cores", help="Processes writing shards.")
@@ -218,6 +221,218 @@ def finetune(recipe: Path, source: Path, overrides: tuple[str, ...], out_dir: Pa
 
     out_dir = out_dir or Path("runs") / recipe.stem
     _run_training(lambda: run_finetune(load_recipe(recipe, overrides), source, out_dir, resume), out_dir)
+
+
+@main.command("fewshot")
+@click.argument("datasets", metavar="DATA...", nargs=-1, required=True)
+@click.option(
+    "--checkpoint",
+    required=True,
+    help="Checkpoint or run directory (its newest checkpoint), or 'pixels' for the raw-pixel floor.",
+)
+@click.option("--shots", default="1,5,10,25", show_default=True, help="Comma-separated examples per class.")
+@click.option("--seeds", default=3, show_default=True, help="Few-shot draws per shot count.")
+@click.option(
+    "--l2",
+    default="grid",
+    show_default=True,
+    help="'grid' (2^-10..2^19, chosen on held-out train examples) or a fixed value, e.g. 1024.",
+)
+@click.option(
+    "--probe",
+    "kind",
+    type=click.Choice(["ridge", "logistic"]),
+    default="ridge",
+    show_default=True,
+    help="Closed-form ridge (the papers' probe) or scikit-learn logistic regression.",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Write JSON here and CSV beside it.")
+@click.option("--k", type=int, help="Experts per token at inference [default: the checkpoint's].")
+@click.option("--capacity-factor", type=float, help="Capacity factor at inference [default: the checkpoint's].")
+@click.option("--bpr/--no-bpr", default=None, help="Batch Priority Routing at inference [default: the checkpoint's].")
+@click.option("--batch-size", default=256, show_default=True, help="Images per forward pass.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("VMOE_CACHE", "~/.cache/vmoe"),
+    show_default="$VMOE_CACHE or ~/.cache/vmoe",
+    help="Where features and sharded sources are kept.",
+)
+@click.option("--pixels-size", default=28, show_default=True, help="Image side for --checkpoint pixels.")
+def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, l2: str, kind: str, out: Path | None,
+            k: int | None, capacity_factor: float | None, bpr: bool | None, batch_size: int, cache_dir: Path,
+            pixels_size: int) -> None:  # fmt: skip
+    """Linear few-shot accuracy of a frozen backbone on each DATA (shards or any `vmoe shard` source).
+
+    Features (pre-logits) are extracted once per checkpoint and data and cached; a second call with other
+    --shots, --seeds or --l2 only re-solves the probe. Sources without a test split get a seeded 20% hold-out.
+
+    \b
+    Example:
+      vmoe fewshot --checkpoint runs/fmnist-vmoe shards/fmnist digits --out results/fewshot.json
+    """
+    from vmoe_cli.eval.fewshot import load_backbone, run_fewshot, write_results
+
+    shot_list = _int_list(shots, "--shots")
+    fixed_l2 = None if l2 == "grid" else _positive_float(l2, "--l2")
+    backbone = load_backbone(checkpoint, k, capacity_factor, bpr, pixels_size=pixels_size)
+    with _progress_bar() as show:
+        results = run_fewshot(
+            checkpoint, datasets, shot_list, seeds, fixed_l2, kind, cache_dir, batch_size, progress=show,
+            backbone=backbone,
+        )  # fmt: skip
+    table = Table(title=f"{kind} few-shot top-1 (%), mean ± std over {seeds} seeds: {results['checkpoint']}")
+    table.add_column("data")
+    for s in shot_list:
+        table.add_column(f"{s}-shot", justify="right")
+    table.add_column("extract s", justify="right")
+    table.add_column("solve s", justify="right")
+    for data, info in results["datasets"].items():
+        cells = [f"{100 * info['summary'][s]['mean']:.1f} ± {100 * info['summary'][s]['std']:.1f}" for s in shot_list]
+        extract = "cached" if info["cached"] else f"{info['extract_seconds']:.1f}"
+        table.add_row(data, *cells, extract, f"{info['solve_seconds']:.2f}")
+    Console().print(table)
+    if out is not None:
+        json_path, csv_path = write_results(results, out)
+        click.echo(f"wrote {json_path} and {csv_path}")
+
+
+@main.command("sweep-capacity")
+@click.argument("data")
+@click.option("--checkpoint", required=True, help="V-MoE checkpoint, or a run directory (its newest checkpoint).")
+@click.option("--k", "ks", default="1,2", show_default=True, help="Experts per token to try (above trained is marked).")
+@click.option("--capacity", default="0.1,0.25,0.5,0.75,1.0,1.25,1.5,2.0", show_default=True,
+              help="Capacity factors to try.")  # fmt: skip
+@click.option("--bpr", default="on,off", show_default=True, help="Batch Priority Routing settings: on, off or both.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder [default: runs/sweep-NAME].")
+@click.option("--baseline", help="Dense twin checkpoint or run directory, drawn as one point.")
+@click.option("--split", default="test", show_default=True, help="Split evaluated.")
+@click.option("--batch-size", default=256, show_default=True, help="Images per evaluation batch.")
+@click.option("--throughput-batch", default=64, show_default=True, help="Images per timed forward pass.")
+@click.option("--repeats", default=5, show_default=True, help="Timed passes per setting (median), after 2 warm-ups.")
+@click.option(
+    "--fewshot",
+    "fewshot_shots",
+    default=0,
+    show_default=True,
+    help="Also few-shot top-1 at this many shots per setting (extracts features per setting: slow).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("VMOE_CACHE", "~/.cache/vmoe"),
+    show_default="$VMOE_CACHE or ~/.cache/vmoe",
+    help="Where sharded sources and features are kept.",
+)
+def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str, out_dir: Path | None,
+                   baseline: str | None, split: str, batch_size: int, throughput_batch: int, repeats: int,
+                   fewshot_shots: int, cache_dir: Path) -> None:  # fmt: skip
+    """Accuracy, dropped tokens, GFLOPs and measured speed of a V-MoE for every K x capacity x BPR setting.
+
+    DATA is shards or any `vmoe shard` source. Writes sweep.csv, sweep.json and sweep.png into --out;
+    rerunning an interrupted sweep resumes where it stopped.
+
+    \b
+    Example:
+      vmoe sweep-capacity shards/fmnist --checkpoint runs/fmnist-vmoe --baseline runs/fmnist-vit
+    """
+    import torch
+
+    from vmoe_cli.eval.plots import plot_sweep
+    from vmoe_cli.eval.sweep import SweepOptions, make_grid, sweep
+
+    modes = {"on": [True], "off": [False], "on,off": [True, False], "off,on": [False, True]}
+    if bpr.replace(" ", "") not in modes:
+        raise VmoeError(f"--bpr: expected on, off or on,off, got {bpr!r}")
+    points = make_grid(_int_list(ks, "--k"), _float_list(capacity, "--capacity"), modes[bpr.replace(" ", "")])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = SweepOptions(split, batch_size, throughput_batch, repeats, fewshot_shots=fewshot_shots, device=device)
+    out_dir = out_dir or Path("runs") / f"sweep-{Path(checkpoint).resolve().name}"
+    start = time.perf_counter()
+    with _progress_bar() as show:
+        results = sweep(checkpoint, data, points, out_dir, options, baseline, cache_dir, progress=show)
+    Console().print(sweep_table(results))
+    plot = plot_sweep(results, out_dir / "sweep.png")
+    click.echo(f"{len(points)} settings in {time.perf_counter() - start:.1f} s; wrote {out_dir}/sweep.csv, "
+               f"sweep.json and {plot}")  # fmt: skip
+
+
+def sweep_table(results: dict) -> Table:
+    """The sweep as a rich table: one row per setting, the dense twin last."""
+    trained = results["trained"]
+    title = f"capacity sweep: {results['checkpoint']} on {results['data']} ({results['split']})"
+    caption = f"trained with K={trained['k']}, cf={trained['capacity_factor']}; * = K above trained"
+    table = Table(title=title, caption=caption)
+    columns = ["K", "BPR", "cf", "top-1 %", "dropped all %", "dropped any %", "GFLOPs", "images/s", "latency ms"]
+    fewshot = any(r["fewshot_top1"] is not None for r in results["rows"])
+    for name in [*columns, *(["few-shot %"] if fewshot else [])]:
+        table.add_column(name, justify="right")
+    for r in results["rows"]:
+        k = f"{r['k']}{'*' if r['k_above_trained'] else ''}"
+        cells = [k, "on" if r["bpr"] else "off", f"{r['capacity_factor']:g}", f"{100 * r['top1']:.2f}"]
+        cells += [f"{100 * r['dropped_all']:.1f}", f"{100 * r['dropped_any']:.1f}", f"{r['gflops']:.3g}"]
+        cells += [f"{r['images_per_s']:,.0f}", f"{r['latency_ms']:.1f}"]
+        table.add_row(*cells, *([f"{100 * r['fewshot_top1']:.1f}"] if fewshot else []))
+    base = results.get("baseline")
+    if base:
+        cells = ["dense", "", "", f"{100 * base['top1']:.2f}", "", "", f"{base['gflops']:.3g}"]
+        table.add_row(*cells, f"{base['images_per_s']:,.0f}", f"{base['latency_ms']:.1f}", *([""] if fewshot else []))
+    return table
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich bar on stderr, shown only on a terminal; yields `show(what, done, total)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=True)  # fmt: skip
+    bars: dict[str, int] = {}
+
+    def show(what: str, done: int, total: int) -> None:
+        if progress.console.is_terminal:
+            progress.start()
+            if what not in bars:
+                bars[what] = progress.add_task(what, total=total)
+            progress.update(bars[what], completed=done, total=total)
+
+    try:
+        yield show
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """'1,5,10' -> [1, 5, 10]; one-line error naming `option` otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VmoeError(f"{option}: expected comma-separated integers like 1,5,10, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise VmoeError(f"{option}: expected positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str, option: str) -> list[float]:
+    """'0.5,1,2' -> [0.5, 1.0, 2.0]; one-line error naming `option` otherwise."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VmoeError(f"{option}: expected comma-separated numbers like 0.5,1,2, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise VmoeError(f"{option}: expected positive numbers, got {text!r}")
+    return values
+
+
+def _positive_float(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise VmoeError(f"{option}: expected 'grid' or a positive number, got {text!r}")
+    return value
 
 
 def _run_training(run: Callable[[], dict], out_dir: Path) -> None:

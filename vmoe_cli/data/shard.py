@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vmoe_cli.atomic import write_text_atomic
-from vmoe_cli.data.sources import ArrayItem, Item, Source
+from vmoe_cli.data.sources import ArrayItem, Item, Source, open_source
 from vmoe_cli.errors import VmoeError
 
 FORMAT = "vmoe-shards/1"
@@ -46,6 +46,7 @@ STATE_DIR = ".vmoe-shard"  # job.json and one record per finished shard; removed
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> extension whose bytes we keep
 ENCODINGS = ("keep", "png", "jpg")
 SPLITS = ("train", "minival", "test")  # in manifest order
+EVAL_TEST_FRACTION = 0.2  # test hold-out when an evaluation command shards a source that has no test split
 TICK_EVERY = 64  # samples between progress reports from a shard task
 
 ProgressFn = Callable[[int, int], None]  # (inputs processed, inputs planned)
@@ -62,6 +63,7 @@ class ShardOptions:
     shard_bytes: int | None = None  # most bytes per shard, planned from input sizes (exact when bytes are kept)
     seed: int = 0  # decides the order of samples in each split and which train samples go to minival
     minival: float = 0.0  # fraction of train held out as the 'minival' split
+    test: float = 0.0  # fraction of train held out as the 'test' split, for sources without one (digits)
     limit: int | None = None  # keep only the first N samples of each split (after the seeded shuffle)
 
     def validate(self) -> None:
@@ -75,6 +77,7 @@ class ShardOptions:
             ("shard-bytes", self.shard_bytes is None or self.shard_bytes >= 1, "at least 1"),
             ("seed", self.seed >= 0, "0 or more"),
             ("minival", 0.0 <= self.minival < 1.0, "in [0, 1)"),
+            ("test", 0.0 <= self.test < 1.0, "in [0, 1)"),
             ("limit", self.limit is None or self.limit >= 1, "at least 1"),
         ]
         for name, ok, wanted in checks:
@@ -102,15 +105,21 @@ class BadImage(Exception):
 
 
 def split_orders(source: Source, options: ShardOptions) -> dict[str, list[Item]]:
-    """Each split's items in their final order: seeded shuffle, minival held out of train, then --limit."""
+    """Each split's items in their final order: seeded shuffle, test then minival held out of train, --limit.
+
+    A test hold-out is refused when the source has its own test split, so a test set is never mixed.
+    """
+    if options.test > 0 and source.splits.get("test"):
+        raise VmoeError(f"--test: {source.spec} has its own test split; drop --test")
     orders = {}
     for i, split in enumerate(("train", "test")):
         items = source.splits.get(split, [])
-        shuffled = [items[j] for j in np.random.default_rng([options.seed, i]).permutation(len(items))]
-        if split == "train" and options.minival > 0 and shuffled:
-            held = min(len(shuffled), max(1, round(options.minival * len(shuffled))))
-            orders["minival"], shuffled = shuffled[:held], shuffled[held:]
-        orders[split] = shuffled
+        orders[split] = [items[j] for j in np.random.default_rng([options.seed, i]).permutation(len(items))]
+    for split, fraction in (("test", options.test), ("minival", options.minival)):
+        train = orders["train"]
+        if fraction > 0 and train:
+            held = min(len(train), max(1, round(fraction * len(source.splits["train"]))))
+            orders[split], orders["train"] = train[:held], train[held:]
     return {split: orders[split][: options.limit] for split in SPLITS if orders.get(split)}
 
 
@@ -192,6 +201,27 @@ def write_shards(
         _write_json(out / "manifest.json", manifest)
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
+
+
+def eval_shards(spec: str, cache_dir: str | Path, workers: int = 1) -> Path:
+    """Shards with train and test splits for an evaluation command's DATA argument.
+
+    `spec` is a shard directory (used as it is) or any source `vmoe shard` accepts, sharded once into
+    `cache_dir/shards/` under a key of its listing (with a seeded 20% test hold-out when it has no test split).
+    """
+    path = Path(spec)
+    if (path / "manifest.json").is_file():
+        return path
+    if (path / STATE_DIR).is_dir():
+        raise VmoeError(f"{spec}: unfinished shards (no manifest.json); rerun the `vmoe shard` command that wrote them")
+    source = open_source(spec)
+    options = ShardOptions(test=0.0 if source.splits.get("test") else EVAL_TEST_FRACTION)
+    listing = [[split, item.id, item.label] for split, items in source.splits.items() for item in items]
+    key = hashlib.sha256(json.dumps([source.spec, listing, dataclasses.asdict(options)]).encode()).hexdigest()
+    out = Path(cache_dir) / "shards" / key[:16]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_shards(source, out, options, workers=workers)  # returns at once when a previous call finished it
+    return out
 
 
 def encode_image(item: Item, options: ShardOptions) -> tuple[bytes, str]:
@@ -388,7 +418,7 @@ def _write_shard(
     record = {"file": task.file, "count": count, "bytes": None, "sha256": None, "class_counts": class_counts}
     record["skipped"] = skipped
     if tmp is not None:
-        record["bytes"], record["sha256"], record["digest"] = tmp.stat().st_size, _sha256(tmp), task.digest(job)
+        record["bytes"], record["sha256"], record["digest"] = tmp.stat().st_size, file_sha256(tmp), task.digest(job)
         os.replace(tmp, out / task.file)
         _write_json(out / STATE_DIR / "done" / f"{task.file}.json", record)
     return record
@@ -513,12 +543,13 @@ def _shard_problem(path: Path, shard: dict[str, Any], verify: bool) -> str:
         return "missing"
     if size != shard["bytes"]:
         return f"{size} bytes, the manifest says {shard['bytes']}"
-    if verify and _sha256(path) != shard["sha256"]:
+    if verify and file_sha256(path) != shard["sha256"]:
         return "sha256 differs from the manifest's"
     return ""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

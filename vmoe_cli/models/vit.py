@@ -128,14 +128,16 @@ class VisionTransformer(nn.Module):
         logits = self.head(pre_logits) if self.head is not None else None
         return ModelOutput(logits=logits, pre_logits=pre_logits, aux_loss=aux_loss, routing=routing)
 
-    def run_blocks(self, x_BND: Tensor, start: int = 0) -> tuple[Tensor, Tensor, dict[int, RouterOutput]]:
-        """Blocks `start..depth-1` on tokens; returns tokens, summed aux loss, routing per MoE block.
+    def run_blocks(
+        self, x_BND: Tensor, start: int = 0, stop: int | None = None
+    ) -> tuple[Tensor, Tensor, dict[int, RouterOutput]]:
+        """Blocks `start..stop-1` (default: to the last) on tokens; tokens, summed aux loss, routing per MoE block.
 
-        Starting later than 0 lets a capacity sweep reuse the dense blocks' output.
+        Running the dense blocks before the first MoE block once lets a capacity sweep reuse their output.
         """
         aux_loss = x_BND.new_zeros((), dtype=torch.float32)
         routing: dict[int, RouterOutput] = {}
-        for i in range(start, len(self.blocks)):
+        for i in range(start, len(self.blocks) if stop is None else stop):
             x_BND, route = self.blocks[i](x_BND)
             if route is not None:
                 routing[i] = route

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vmoe_cli.checkpoint import WEIGHTS, find_resume, load_recipe_of, load_weights
+from vmoe_cli.checkpoint import load_recipe_of, load_weights, resolve_checkpoint
 from vmoe_cli.config import Recipe
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import VisionTransformer, resize_pos_embed
@@ -35,7 +35,7 @@ def finetune(recipe: Recipe, source: str | Path, out_dir: str | Path, resume: st
 @torch.no_grad()
 def initial_model(recipe: Recipe, source: str | Path) -> VisionTransformer:
     """The recipe's model holding `source`'s weights, pos_embed resized, with a new head: the step-0 model."""
-    ckpt = source_checkpoint(source)
+    ckpt = resolve_checkpoint(source, "--from")
     weights, old = load_weights(ckpt), load_recipe_of(ckpt).model
     model = VisionTransformer(recipe.model)
     if old.pool != recipe.model.pool:
@@ -59,13 +59,3 @@ def initial_model(recipe: Recipe, source: str | Path) -> VisionTransformer:
         model.head.weight.zero_()
         model.head.bias.fill_(-math.log(recipe.model.num_classes))
     return model
-
-
-def source_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory meaning its newest checkpoint."""
-    path = Path(path)
-    if not (path / WEIGHTS).is_file() and (path / "checkpoints").is_dir():
-        return find_resume(path, "latest")
-    if not (path / WEIGHTS).is_file():
-        raise VmoeError(f"--from {path}: not a checkpoint (no {WEIGHTS}) nor a run directory (no checkpoints/)")
-    return path

@@ -1,0 +1,164 @@
+"""sweep-capacity: large capacity = plain evaluation, BPR keeps the surest tokens, resume, CSV/JSON/PNG schema."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vmoe_cli.checkpoint import load_model, save_checkpoint
+from vmoe_cli.cli import main
+from vmoe_cli.config import load_recipe
+from vmoe_cli.data.loader import build_loader
+from vmoe_cli.data.shard import eval_shards
+from vmoe_cli.eval import sweep as sweep_module
+from vmoe_cli.eval.sweep import CSV_COLUMNS, GridPoint, SweepOptions, make_grid, sweep
+from vmoe_cli.models.config import MoEConfig
+from vmoe_cli.models.moe import MoEMlp
+from vmoe_cli.models.vit import VisionTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = SweepOptions(batch_size=64, throughput_batch=16, repeats=1, warmup=0)
+
+
+def save_random_model(run: Path, recipe_name: str) -> Path:
+    """A digits model with random (non-zero) head and router weights, saved as a run's checkpoint."""
+    recipe = load_recipe(ROOT / "recipes" / recipe_name)
+    torch.manual_seed(0)
+    model = VisionTransformer(recipe.model)
+    with torch.no_grad():
+        model.head.weight.normal_(std=0.5)
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.normal_(std=1.0)  # varied gates, so capacity and BPR matter
+    save_checkpoint(run, 1, model, recipe, {}, keep_last=1)
+    return run
+
+
+@pytest.fixture(scope="module")
+def vmoe_run(tmp_path_factory) -> Path:
+    return save_random_model(tmp_path_factory.mktemp("vmoe"), "digits-vmoe.yaml")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    eval_shards("digits", cache)
+    return cache
+
+
+def plain_top1(run: Path, cache: Path, k: int, cf: float, bpr: bool) -> float:
+    """Top-1 of full forward passes of a freshly loaded model with the given routing."""
+    model = load_model(run / "checkpoints" / "step_00000001")
+    model.set_routing(k=k, capacity_factor=cf, capacity=None, bpr=bpr)
+    loader = build_loader(
+        eval_shards("digits", cache), "test", batch_size=64, image_size=8, channels=1, train=False, mean=0.25, std=0.35
+    )
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).logits.argmax(-1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def test_large_capacity_drops_nothing_and_matches_plain_evaluation(vmoe_run, cache, tmp_path):
+    points = [GridPoint(2, 8.0, False), GridPoint(1, 0.25, True), GridPoint(2, 0.25, False)]
+    results = sweep(vmoe_run, "digits", points, tmp_path, FAST, cache_dir=cache)
+    rows = {(r["k"], r["capacity_factor"], r["bpr"]): r for r in results["rows"]}
+    big = rows[(2, 8.0, False)]
+    assert big["dropped_all"] == 0 and big["dropped_any"] == 0 and big["total"] == 359
+    for (k, cf, bpr), row in rows.items():  # the reused dense prefix changes nothing, capacity or not
+        assert row["top1"] == plain_top1(vmoe_run, cache, k, cf, bpr)
+    assert rows[(2, 0.25, False)]["dropped_any"] > 0.5
+    assert set(big["expert_load_per_layer"]) == {"1", "3"} and len(big["expert_load_per_layer"]["1"]) == 4
+
+
+def test_bpr_keeps_the_highest_gate_tokens_at_low_capacity():
+    """A crafted router: token t's gate for expert 0 grows with t's first feature; 1 slot for 8 tokens."""
+    cfg = MoEConfig(num_experts=2, k=1, capacity=1, capacity_factor=None, capacity_multiple=1, group_images=1)
+    moe = MoEMlp(4, 8, cfg).eval()
+    with torch.no_grad():
+        moe.router.proj.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+    scores = torch.tensor([0.5, 0.1, 2.0, 0.3, 1.5, 0.2, 0.4, 0.6])  # all prefer expert 0; token 2 the most
+    x = torch.zeros(1, 8, 4)
+    x[0, :, 0] = scores
+    cfg.bpr = False
+    kept = moe(x).routing.plan.kept_GSK[0, :, 0]
+    assert kept.tolist() == [True] + [False] * 7  # vanilla: the first token in group order
+    cfg.bpr = True
+    out = moe(x)
+    kept = out.routing.plan.kept_GSK[0, :, 0]
+    assert kept.tolist() == [i == 2 for i in range(8)]  # BPR: the token with the highest top-1 gate
+    assert out.y[0, 2].abs().sum() > 0 and out.y[0, [0, 1, 3, 4, 5, 6, 7]].abs().sum() == 0
+
+
+def test_interrupted_sweep_resumes_where_it_stopped(vmoe_run, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_module, "SAVE_EVERY_S", 0.0)
+    points = make_grid([1, 2], [0.5, 1.0], [True, False])
+    whole = sweep(vmoe_run, "digits", points, tmp_path / "whole", FAST, cache_dir=cache)
+
+    seen: list[tuple[str, int]] = []
+
+    def stop_after_three(what: str, done: int, total: int) -> None:
+        seen.append((what, done))
+        if what.startswith("accuracy") and done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(vmoe_run, "digits", points, tmp_path / "cut", FAST, cache_dir=cache, progress=stop_after_three)
+    state = json.loads((tmp_path / "cut" / "sweep-state.json").read_text())
+    assert state["batches_done"] == 3 and not (tmp_path / "cut" / "sweep.json").exists()
+
+    seen.clear()
+    resumed = sweep(vmoe_run, "digits", points, tmp_path / "cut", FAST, cache_dir=cache, progress=stop_after_three)
+    assert [done for what, done in seen if what.startswith("accuracy")] == [4, 5, 6]  # batches 0-2 not redone
+    timing = {"images_per_s", "latency_ms"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in whole["rows"]]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in resumed["rows"]]
+
+
+def test_cli_writes_table_csv_json_and_plot_with_baseline(vmoe_run, cache, tmp_path):
+    dense = save_random_model(tmp_path / "dense", "digits-vit.yaml")
+    out = tmp_path / "sweep"
+    args = ["sweep-capacity", "digits", "--checkpoint", str(vmoe_run), "--baseline", str(dense), "--out", str(out)]
+    args += ["--k", "1,3", "--capacity", "0.5,2", "--batch-size", "64", "--throughput-batch", "8", "--repeats", "1"]
+    result = CliRunner().invoke(main, [*args, "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert "dense" in result.output and "3*" in result.output  # K=3 is above the trained K=2
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 2 * 2 * 2
+    assert {r["bpr"] for r in rows} == {"true", "false"} and all(float(r["images_per_s"]) > 0 for r in rows)
+    assert [r["k_above_trained"] for r in rows] == ["false"] * 4 + ["true"] * 4
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["trained"]["k"] == 2 and data["baseline"]["top1"] >= 0 and data["split"] == "test"
+    gflops = {(r["k"], r["capacity_factor"]): r["gflops"] for r in data["rows"]}
+    assert gflops[(1, 0.5)] < gflops[(1, 2.0)] < gflops[(3, 2.0)]
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--bpr", "maybe"], "--bpr: expected on, off or on,off"),
+        (["--capacity", "0,1"], "--capacity: expected positive numbers"),
+        (["--k", "5"], "--k 5: the model has only 4 experts"),
+        (["--split", "minival"], "no split 'minival'"),
+    ],
+)
+def test_cli_errors_are_one_line(vmoe_run, cache, tmp_path, extra, message):
+    args = ["sweep-capacity", "digits", "--checkpoint", str(vmoe_run), "--out", str(tmp_path), *extra]
+    result = CliRunner().invoke(main, [*args, "--cache-dir", str(cache)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output
+
+
+def test_a_dense_checkpoint_is_refused_with_a_hint(cache, tmp_path):
+    dense = save_random_model(tmp_path / "dense", "digits-vit.yaml")
+    result = CliRunner().invoke(
+        main, ["sweep-capacity", "digits", "--checkpoint", str(dense), "--cache-dir", str(cache)]
+    )
+    assert result.exit_code == 2 and "pass it as --baseline" in result.output

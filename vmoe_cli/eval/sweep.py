@@ -1,0 +1,307 @@
+"""The inference-time K x capacity factor x BPR sweep of a trained V-MoE (V-MoE paper, section 4).
+
+A trained model gets cheaper at inference by routing each token to fewer experts (K) and by shrinking
+the expert buffers (cf < 1); with Batch Priority Routing the tokens that keep their slots are the ones the
+router is surest about. For every grid point this records top-1 on a split, the fraction of tokens dropped
+by all / at least one of their choices, per-layer expert load, analytic GFLOPs per image, and measured
+throughput and latency of the full forward pass.
+
+Cost: the model is loaded once; each batch is embedded and run through the dense blocks before the first
+MoE block once, and only the remaining blocks run per grid point. Progress is saved every few seconds
+to `OUT/sweep-state.json`, so an interrupted sweep resumes at the batch (and timing) where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vmoe_cli.atomic import write_text_atomic
+from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
+from vmoe_cli.config import DataConfig
+from vmoe_cli.data.loader import build_loader, read_manifest
+from vmoe_cli.data.shard import eval_shards, file_sha256
+from vmoe_cli.errors import VmoeError
+from vmoe_cli.eval.fewshot import model_backbone, run_fewshot
+from vmoe_cli.eval.flops import flops_per_image
+from vmoe_cli.models.moe import group_images
+from vmoe_cli.models.vit import VisionTransformer
+
+STATE = "sweep-state.json"
+SAVE_EVERY_S = 10.0  # seconds between saves of the sweep state
+CSV_COLUMNS = (
+    "k", "capacity_factor", "bpr", "k_above_trained", "top1", "dropped_all", "dropped_any", "gflops",
+    "images_per_s", "latency_ms", "fewshot_top1",
+)  # fmt: skip
+ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One routing setting of the sweep."""
+
+    k: int
+    capacity_factor: float
+    bpr: bool
+
+    @property
+    def name(self) -> str:
+        return f"k={self.k} cf={self.capacity_factor:g} {'bpr' if self.bpr else 'vanilla'}"
+
+
+@dataclass
+class SweepOptions:
+    """What the sweep measures and how."""
+
+    split: str = "test"  # evaluated split
+    batch_size: int = 256  # images per evaluation batch (routing groups as the checkpoint's group_images)
+    throughput_batch: int = 64  # images per timed forward pass
+    repeats: int = 5  # timed passes per grid point (median), after `warmup`
+    warmup: int = 2
+    fewshot_shots: int = 0  # > 0: also few-shot top-1 at this many shots per grid point (3 seeds; slow)
+    device: str = "cpu"
+
+
+def make_grid(ks: Sequence[int], capacities: Sequence[float], bprs: Sequence[bool]) -> list[GridPoint]:
+    """Every (K, cf, BPR) combination, K-major, then BPR, then cf ascending."""
+    if not ks or not capacities or not bprs or min(ks) < 1 or min(capacities) <= 0:
+        raise VmoeError("--k needs integers >= 1 and --capacity numbers > 0")
+    return [GridPoint(k, float(c), b) for k in ks for b in bprs for c in sorted(capacities)]
+
+
+def sweep(
+    checkpoint: str | Path,
+    data: str,
+    points: Sequence[GridPoint],
+    out_dir: str | Path,
+    options: SweepOptions | None = None,
+    baseline: str | Path | None = None,
+    cache_dir: str | Path = "~/.cache/vmoe",
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the sweep; write sweep.json and sweep.csv into `out_dir` and return the results."""
+    options = options or SweepOptions()
+    out = Path(out_dir)
+    cache_dir = Path(cache_dir).expanduser()
+    ckpt = resolve_checkpoint(checkpoint, "--checkpoint")
+    model = load_model(ckpt).to(options.device)
+    if model.cfg.moe is None:
+        raise VmoeError(f"--checkpoint {checkpoint}: a dense model has nothing to sweep; pass it as --baseline")
+    for p in points:
+        if p.k > model.cfg.moe.num_experts:
+            raise VmoeError(f"--k {p.k}: the model has only {model.cfg.moe.num_experts} experts")
+    recipe_data = load_recipe_of(ckpt).data or DataConfig()
+    shard_dir = eval_shards(data, cache_dir)
+    manifest = read_manifest(shard_dir)
+    if options.split not in manifest["splits"]:
+        raise VmoeError(f"{data}: no split {options.split!r} (has: {', '.join(manifest['splits'])}); pass --split")
+    weights_sha = file_sha256(ckpt / WEIGHTS)
+    trained = asdict(model.cfg.moe)
+    identity = {
+        "checkpoint": weights_sha, "data": file_sha256(shard_dir / "manifest.json"), "split": options.split,
+        "batch_size": options.batch_size, "throughput_batch": options.throughput_batch,
+        "fewshot_shots": options.fewshot_shots, "points": [p.name for p in points],
+        "baseline": None if baseline is None else str(baseline),
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    state = _load_state(out / STATE, identity)
+    save = _Saver(out / STATE, state)
+
+    if state.get("batches") is None or state["batches_done"] < state["batches"]:
+        _accuracy_pass(model, points, shard_dir, recipe_data, options, state, save, progress)
+    images = _first_batch(shard_dir, options, model, recipe_data)
+    for i, p in enumerate(points):
+        result = state["points"][p.name]
+        if "images_per_s" not in result:
+            _set_routing(model, p)
+            result.update(_timing(model, images, options))
+            save(force=True)
+        if options.fewshot_shots and "fewshot_top1" not in result:
+            _set_routing(model, p)
+            backbone = model_backbone(model, str(checkpoint), weights_sha, recipe_data)
+            fs = run_fewshot(str(checkpoint), [data], [options.fewshot_shots], 3, cache_dir=cache_dir,
+                             device=options.device, backbone=backbone)  # fmt: skip
+            result["fewshot_top1"] = fs["datasets"][data]["summary"][options.fewshot_shots]["mean"]
+            save(force=True)
+        if progress is not None:
+            progress("timing", i + 1, len(points))
+    if baseline is not None and "baseline" not in state:
+        state["baseline"] = _baseline(baseline, shard_dir, options, images)
+        save(force=True)
+
+    batch_images = group_images(options.batch_size, model.cfg.moe.group_images)
+    rows = []
+    for p in points:
+        _set_routing(model, p)
+        r = state["points"][p.name]
+        n = r["total"]
+        dropped_all = {layer: v / n for layer, v in r["dropped_all"].items()}
+        dropped_any = {layer: v / n for layer, v in r["dropped_any"].items()}
+        rows.append({
+            "k": p.k, "capacity_factor": p.capacity_factor, "bpr": p.bpr, "k_above_trained": p.k > trained["k"],
+            "top1": r["correct"] / n, "correct": r["correct"], "total": n,
+            "dropped_all": statistics.fmean(dropped_all.values()),
+            "dropped_any": statistics.fmean(dropped_any.values()),
+            "dropped_all_per_layer": dropped_all, "dropped_any_per_layer": dropped_any,
+            "expert_load_per_layer": {layer: [v / n for v in load] for layer, load in r["expert_load"].items()},
+            "gflops": flops_per_image(model.cfg, batch_images) / 1e9,
+            "images_per_s": r["images_per_s"], "latency_ms": r["latency_ms"],
+            "fewshot_top1": r.get("fewshot_top1"),
+        })  # fmt: skip
+    results = {
+        "checkpoint": str(checkpoint), "data": data, "split": options.split,
+        "trained": {"k": trained["k"], "capacity_factor": trained["capacity_factor"], "bpr": trained["bpr"]},
+        "options": asdict(options), "rows": rows, "baseline": state.get("baseline"),
+    }  # fmt: skip
+    write_text_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / "sweep.csv", _csv(rows))
+    return results
+
+
+@torch.inference_mode()
+def _accuracy_pass(
+    model: VisionTransformer,
+    points: Sequence[GridPoint],
+    shard_dir: Path,
+    data: DataConfig,
+    options: SweepOptions,
+    state: dict[str, Any],
+    save: _Saver,
+    progress: ProgressFn | None,
+) -> None:
+    """One pass over the split: dense prefix once per batch, then the MoE part for every grid point."""
+    cfg = model.cfg
+    first_moe = min(cfg.moe_layers())
+    loader = build_loader(
+        shard_dir, options.split, batch_size=options.batch_size, image_size=cfg.image_size,
+        channels=cfg.channels, train=False, mean=data.mean, std=data.std, start_batch=state["batches_done"],
+    )  # fmt: skip
+    state["batches"] = loader.steps
+    for images, labels in loader:
+        images, labels = images.to(options.device), labels.to(options.device)
+        x_BND, aux, _ = model.run_blocks(model.embed(images), stop=first_moe)
+        for p in points:
+            _set_routing(model, p)
+            y_BND, _, routing = model.run_blocks(x_BND, start=first_moe)
+            logits = model.head_from_tokens(y_BND, aux, routing).logits
+            _accumulate(state["points"][p.name], logits, labels, routing)
+        state["batches_done"] += 1
+        save()
+        if progress is not None:
+            progress(f"accuracy ({len(points)} settings)", state["batches_done"], state["batches"])
+    save(force=True)
+
+
+def _accumulate(result: dict[str, Any], logits: torch.Tensor, labels: torch.Tensor, routing: dict) -> None:
+    """Add one batch: correct count, and per MoE layer image-weighted dropped fractions and loads."""
+    n = len(labels)
+    result["correct"] += int((logits.argmax(-1) == labels).sum())
+    result["total"] += n
+    for layer, route in routing.items():
+        key = str(layer)
+        m = route.metrics
+        for name in ("dropped_all", "dropped_any"):
+            result[name][key] = result[name].get(key, 0.0) + float(m[name]) * n
+        load = (m["expert_load"].double() * n).tolist()
+        old = result["expert_load"].get(key)
+        result["expert_load"][key] = load if old is None else [a + b for a, b in zip(old, load, strict=True)]
+
+
+@torch.inference_mode()
+def _timing(model: VisionTransformer, images: torch.Tensor, options: SweepOptions) -> dict[str, float]:
+    """Median wall time of the full forward pass on `images` after warm-up: images/s and latency."""
+    times = []
+    for i in range(options.warmup + options.repeats):
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(images)
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        if i >= options.warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"images_per_s": len(images) / seconds, "latency_ms": 1000 * seconds}
+
+
+def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, images: torch.Tensor) -> dict:
+    """The dense twin's point: plain top-1, GFLOPs and timing."""
+    ckpt = resolve_checkpoint(checkpoint, "--baseline")
+    model = load_model(ckpt).to(options.device)
+    data = load_recipe_of(ckpt).data or DataConfig()
+    loader = build_loader(
+        shard_dir, options.split, batch_size=options.batch_size, image_size=model.cfg.image_size,
+        channels=model.cfg.channels, train=False, mean=data.mean, std=data.std,
+    )  # fmt: skip
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            correct += int((model(x.to(options.device)).logits.argmax(-1).cpu() == y).sum())
+            total += len(y)
+    timing = _timing(model, images, options)
+    return {
+        "checkpoint": str(checkpoint),
+        "top1": correct / total,
+        "gflops": flops_per_image(model.cfg) / 1e9,
+        **timing,
+    }
+
+
+def _first_batch(shard_dir: Path, options: SweepOptions, model: VisionTransformer, data: DataConfig) -> torch.Tensor:
+    """The first `throughput_batch` images of the split, as the model sees them: the timed input."""
+    loader = build_loader(
+        shard_dir, options.split, batch_size=options.throughput_batch, image_size=model.cfg.image_size,
+        channels=model.cfg.channels, train=False, mean=data.mean, std=data.std,
+    )  # fmt: skip
+    return next(iter(loader))[0].to(options.device)
+
+
+def _set_routing(model: VisionTransformer, p: GridPoint) -> None:
+    model.set_routing(k=p.k, capacity_factor=p.capacity_factor, capacity=None, bpr=p.bpr)
+
+
+def _load_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The saved state of the same sweep, or a fresh one (another sweep's state is replaced)."""
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            state = {}
+        if state.get("identity") == identity:
+            return state
+    empty = {"correct": 0, "total": 0, "dropped_all": {}, "dropped_any": {}, "expert_load": {}}
+    points = {name: json.loads(json.dumps(empty)) for name in identity["points"]}
+    return {"identity": identity, "batches_done": 0, "points": points}
+
+
+class _Saver:
+    """Writes the state atomically at most every SAVE_EVERY_S seconds, or now when forced."""
+
+    def __init__(self, path: Path, state: dict[str, Any]):
+        self.path, self.state, self.last = path, state, time.monotonic()
+
+    def __call__(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.last >= SAVE_EVERY_S:
+            write_text_atomic(self.path, json.dumps(self.state))
+            self.last = time.monotonic()
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    """A header and one line per grid point; booleans as true/false, missing values empty."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+    lines = [",".join(CSV_COLUMNS)] + [",".join(cell(row[c]) for c in CSV_COLUMNS) for row in rows]
+    return "\n".join(lines) + "\n"
