@@ -24,6 +24,10 @@ from vmoe_cli.config import load_recipe
 from vmoe_cli.errors import VmoeError
 
 SET_HELP = "Override a recipe value, e.g. --set model.moe.k=1 (the value is YAML; repeatable)."
+CACHE_DIR = click.option(
+    "--cache-dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("VMOE_CACHE", "~/.cache/vmoe"),
+    show_default="$VMOE_CACHE or ~/.cache/vmoe", help="Where extracted features and sharded sources are kept.",
+)  # fmt: skip
 
 
 class _Group(click.Group):
@@ -51,6 +55,8 @@ def main() -> None:
       vmoe pretrain recipes/digits-vmoe.yaml --out runs/digits-vmoe
       vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
       vmoe fewshot --checkpoint runs/digits-vmoe shards/digits
+      vmoe sweep-capacity shards/digits --checkpoint runs/digits-vmoe --baseline runs/digits-vit
+      vmoe quickstart
     """
 
 
@@ -251,13 +257,7 @@ def finetune(recipe: Path, source: Path, overrides: tuple[str, ...], out_dir: Pa
 @click.option("--capacity-factor", type=float, help="Capacity factor at inference [default: the checkpoint's].")
 @click.option("--bpr/--no-bpr", default=None, help="Batch Priority Routing at inference [default: the checkpoint's].")
 @click.option("--batch-size", default=256, show_default=True, help="Images per forward pass.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("VMOE_CACHE", "~/.cache/vmoe"),
-    show_default="$VMOE_CACHE or ~/.cache/vmoe",
-    help="Where features and sharded sources are kept.",
-)
+@CACHE_DIR
 @click.option("--pixels-size", default=28, show_default=True, help="Image side for --checkpoint pixels.")
 def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, l2: str, kind: str, out: Path | None,
             k: int | None, capacity_factor: float | None, bpr: bool | None, batch_size: int, cache_dir: Path,
@@ -281,20 +281,59 @@ def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, 
             checkpoint, datasets, shot_list, seeds, fixed_l2, kind, cache_dir, batch_size, progress=show,
             backbone=backbone,
         )  # fmt: skip
-    table = Table(title=f"{kind} few-shot top-1 (%), mean ± std over {seeds} seeds: {results['checkpoint']}")
+    Console().print(fewshot_table(results))
+    if out is not None:
+        json_path, csv_path = write_results(results, out)
+        click.echo(f"wrote {json_path} and {csv_path}")
+
+
+def fewshot_table(results: dict) -> Table:
+    """Few-shot results as a rich table: mean ± std per dataset and shot count, with the time split."""
+    shots = results["shots"]
+    title = f"{results['probe']} few-shot top-1 (%), mean ± std over {results['seeds']} seeds: {results['checkpoint']}"
+    table = Table(title=title)
     table.add_column("data")
-    for s in shot_list:
+    for s in shots:
         table.add_column(f"{s}-shot", justify="right")
     table.add_column("extract s", justify="right")
     table.add_column("solve s", justify="right")
     for data, info in results["datasets"].items():
-        cells = [f"{100 * info['summary'][s]['mean']:.1f} ± {100 * info['summary'][s]['std']:.1f}" for s in shot_list]
+        cells = [f"{100 * info['summary'][s]['mean']:.1f}±{100 * info['summary'][s]['std']:.1f}" for s in shots]
         extract = "cached" if info["cached"] else f"{info['extract_seconds']:.1f}"
         table.add_row(data, *cells, extract, f"{info['solve_seconds']:.2f}")
-    Console().print(table)
-    if out is not None:
-        json_path, csv_path = write_results(results, out)
-        click.echo(f"wrote {json_path} and {csv_path}")
+    return table
+
+
+@main.command("quickstart")
+@click.option("--out", "out_dir", default="runs/quickstart", show_default=True, type=click.Path(path_type=Path),
+              help="Where the runs, few-shot results and sweep go.")  # fmt: skip
+@click.option("--shards", default="shards/digits", show_default=True, type=click.Path(path_type=Path),
+              help="Where the digits shards go.")  # fmt: skip
+@click.option("--recipes", default="recipes", show_default=True, type=click.Path(path_type=Path),
+              help="Folder with digits-vmoe.yaml and digits-vit.yaml.")  # fmt: skip
+@CACHE_DIR
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override both recipes, e.g. train.steps=50."
+)
+def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, overrides: tuple[str, ...]) -> None:
+    """The whole pipeline on scikit-learn's digits, a few minutes on a CPU; rerunning resumes.
+
+    Shards digits, pre-trains a tiny V-MoE and its dense twin, probes both (and raw pixels) few-shot,
+    then sweeps the V-MoE's K x capacity x BPR at inference with the dense twin as baseline.
+    """
+    from vmoe_cli.quickstart import run_quickstart
+
+    start = time.perf_counter()
+    done = run_quickstart(recipes, shards, out_dir, cache_dir, overrides, say=click.echo)
+    for results in done["fewshot"].values():
+        Console().print(fewshot_table(results))
+    Console().print(sweep_table(done["sweep"]))
+    click.echo("artefacts:")
+    for what, path in done["artefacts"].items():
+        click.echo(f"  {what}: {path}")
+    click.echo(
+        f"quickstart done in {time.perf_counter() - start:.0f} s; the sweep plot: {done['artefacts']['sweep plot']}"
+    )
 
 
 @main.command("sweep-capacity")
@@ -317,13 +356,7 @@ def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, 
     show_default=True,
     help="Also few-shot top-1 at this many shots per setting (extracts features per setting: slow).",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("VMOE_CACHE", "~/.cache/vmoe"),
-    show_default="$VMOE_CACHE or ~/.cache/vmoe",
-    help="Where sharded sources and features are kept.",
-)
+@CACHE_DIR
 def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str, out_dir: Path | None,
                    baseline: str | None, split: str, batch_size: int, throughput_batch: int, repeats: int,
                    fewshot_shots: int, cache_dir: Path) -> None:  # fmt: skip

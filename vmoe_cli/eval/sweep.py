@@ -121,7 +121,7 @@ def sweep(
         result = state["points"][p.name]
         if "images_per_s" not in result:
             _set_routing(model, p)
-            result.update(_timing(model, images, options))
+            result.update(time_forward(model, images, options))
             save(force=True)
         if options.fewshot_shots and "fewshot_top1" not in result:
             _set_routing(model, p)
@@ -215,7 +215,7 @@ def _accumulate(result: dict[str, Any], logits: torch.Tensor, labels: torch.Tens
 
 
 @torch.inference_mode()
-def _timing(model: VisionTransformer, images: torch.Tensor, options: SweepOptions) -> dict[str, float]:
+def time_forward(model: VisionTransformer, images: torch.Tensor, options: SweepOptions) -> dict[str, float]:
     """Median wall time of the full forward pass on `images` after warm-up: images/s and latency."""
     times = []
     for i in range(options.warmup + options.repeats):
@@ -245,7 +245,7 @@ def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, im
         for x, y in loader:
             correct += int((model(x.to(options.device)).logits.argmax(-1).cpu() == y).sum())
             total += len(y)
-    timing = _timing(model, images, options)
+    timing = time_forward(model, images, options)
     return {
         "checkpoint": str(checkpoint),
         "top1": correct / total,
