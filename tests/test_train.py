@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -120,3 +121,20 @@ def test_two_cpu_processes_train_evaluate_once_and_resume(digits, tmp_path):
     more = args + ["--set", "train.steps=15", "--resume", "latest"]
     subprocess.run(torchrun + more, check=True, capture_output=True, env=env, cwd=ROOT, timeout=120)
     assert [r["step"] for r in metrics(run) if "loss" in r] == [5, 10, 15]
+
+
+def test_tensorboard_events_mirror_metrics_and_resume_purges_the_killed_tail(digits, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    recipe = load_recipe(RECIPE, settings(digits, 10, checkpoint_every=5, eval_every=5, tensorboard=True))
+    pretrain(recipe, run)
+    pretrain(recipe, run, resume=str(run / "checkpoints" / "step_00000005"))  # steps 6-10 again
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    loss = [(e.step, e.value) for e in board.Scalars("loss")]
+    expected = [(r["step"], r["loss"]) for r in metrics(run) if "loss" in r]
+    assert [s for s, _ in loss] == [5, 10] == [s for s, _ in expected]  # step 10 once: the first one was purged
+    assert [e.step for e in board.Scalars("eval_top1")] == [5, 10]
+    assert [v for _, v in loss] == pytest.approx([v for _, v in expected], rel=1e-6)
+    assert "moe3/expert_load/3" in board.Tags()["scalars"] and "eval_top1" in board.Tags()["scalars"]

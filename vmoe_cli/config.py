@@ -73,6 +73,7 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     seed: int = 0  # seeds the model init, data order, augmentation and every step's noise
     log_every: int = 10  # write a metrics line every N steps
+    tensorboard: bool = False  # also write the metrics as TensorBoard events to RUN/tensorboard (extra: tensorboard)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes held fixed, e.g. [patch_embed,
     #   blocks.0]; a prefix matches whole dotted components (blocks.1 is not blocks.10); [] = train everything
 

@@ -75,13 +75,15 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(state["rng"])
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])  # fp16 loss scale
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
     step, stream = state["step"], Batches(loader, state["epoch"], state["batch"])
-    reporter = Reporter(run_dir, accelerator.is_main_process, total, step)
+    reporter = Reporter(run_dir, accelerator.is_main_process, total, step, cfg.tensorboard)
     result: dict[str, Any] = {}
     try:
         while step < total:
@@ -208,6 +210,8 @@ def checkpoint(
             "scheduler": scheduler.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()  # fp16: the dynamic loss scale
         save_checkpoint(run_dir, step, accelerator.unwrap_model(model), recipe, state, recipe.train.keep_last)
     accelerator.wait_for_everyone()
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
 from vmoe_cli.atomic import write_text_atomic
+from vmoe_cli.errors import VmoeError
 
 METRICS = "metrics.jsonl"
 TIMING = ("images_per_s", "elapsed_s")  # wall-clock keys: differ between otherwise identical runs
@@ -24,15 +25,18 @@ TIMING = ("images_per_s", "elapsed_s")  # wall-clock keys: differ between otherw
 class Reporter:
     """Appends metrics lines and shows progress: a rich bar on a terminal, plain log lines otherwise."""
 
-    def __init__(self, run_dir: Path, main: bool, total: int, start: int):
+    def __init__(self, run_dir: Path, main: bool, total: int, start: int, tensorboard: bool = False):
         self.path = run_dir / METRICS
         self.main = main
         self.start_time = time.perf_counter()
         self._last = (start, self.start_time)
         self._progress: Progress | None = None
+        self._board = None
         if not main:
             return
         keep_until(self.path, start)  # a resumed run rewrites what came after its checkpoint
+        if tensorboard:
+            self._board = _summary_writer(run_dir / "tensorboard", start)
         if sys.stderr.isatty():
             columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        TimeRemainingColumn())  # fmt: skip
@@ -63,11 +67,20 @@ class Reporter:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+        if self._board is not None:
+            self._board.close()
 
     def _write(self, record: dict[str, Any]) -> None:
-        if self.main:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.main:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._board is not None:
+            for key, value in record.items():
+                values = value if isinstance(value, list) else [value]
+                for i, v in enumerate(values):
+                    if key != "step" and isinstance(v, int | float):
+                        self._board.add_scalar(f"{key}/{i}" if isinstance(value, list) else key, v, record["step"])
 
     def _echo(self, line: str) -> None:
         if not self.main:
@@ -76,6 +89,15 @@ class Reporter:
             self._progress.console.print(line, markup=False, highlight=False)
         else:
             print(line, file=sys.stderr, flush=True)
+
+
+def _summary_writer(log_dir: Path, start: int) -> Any:
+    """A TensorBoard writer; events after `start` (left by the killed run being resumed) are purged."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise VmoeError("train.tensorboard needs the tensorboard package: pip install 'vmoe[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start + 1 if start else None)
 
 
 def keep_until(path: Path, step: int) -> None:
