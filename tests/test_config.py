@@ -36,8 +36,12 @@ def test_recipes_dir_holds_the_shipped_recipes():
         "digits-vmoe",
         "fmnist-vmoe",
         "digits-vmoe-finetune",
+        "vmoe-b16-every2",
+        "vit-b16-i21k",
+        "vmoe-s32-last2-ft384",
+        "vmoe-b16-every2-ft384",
     } <= names
-    assert len(names) == 15
+    assert len(names) == 18
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
@@ -53,7 +57,15 @@ def test_paper_and_tiny_recipes_have_the_stated_settings():
     assert s32.sizes() == (8, 512, 2048, 8, 32)
     assert s32.moe_layers() == [5, 7]
     assert (s32.moe.num_experts, s32.moe.k, s32.moe.capacity_factor) == (8, 2, 1.05)
-    assert s32.representation_size is None
+    assert (s32.representation_size, s32.moe.expert_dropout) == (512, 0.2)  # the official S/32 config
+    train = load_recipe(RECIPES / "vmoe-s32-last2.yaml").train
+    assert (train.batch_size, train.epochs, train.lr, train.weight_decay, train.loss) == (
+        8192,
+        300,
+        3e-3,
+        0.1,
+        "sigmoid",
+    )
 
     h14 = load_recipe(RECIPES / "vmoe-h14-every2.yaml").model
     assert h14.moe.num_experts == 32

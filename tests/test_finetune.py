@@ -79,3 +79,15 @@ def test_freeze_prefix_naming_nothing_is_one_line(digits, source, tmp_path):
     result = CliRunner().invoke(main, [*args, "--set", f"data.shards={digits}", "--set", "train.freeze=[block]"])
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "'block' names no parameter" in result.stderr
+
+
+def test_paper_finetune_recipe_loads_its_pretrain_checkpoint(tmp_path):
+    """V-MoE-S/32 pre-trained at 224 px -> fine-tuned at 384 px: grid 7x7 -> 12x12, pre-logits dropped."""
+    pre = load_recipe(ROOT / "recipes" / "vmoe-s32-last2.yaml")
+    from vmoe_cli.checkpoint import save_checkpoint
+    from vmoe_cli.models.vit import VisionTransformer
+
+    save_checkpoint(tmp_path, 1, VisionTransformer(pre.model), pre, {}, keep_last=1)
+    model = initial_model(load_recipe(ROOT / "recipes" / "vmoe-s32-last2-ft384.yaml"), tmp_path)
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, 512) and model.cfg.moe.capacity_factor == 1.5
+    assert isinstance(model.pre_logits, torch.nn.Identity) and model.head.bias[0].item() == pytest.approx(-math.log(1000))
