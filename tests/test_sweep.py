@@ -162,3 +162,16 @@ def test_a_dense_checkpoint_is_refused_with_a_hint(cache, tmp_path):
         main, ["sweep-capacity", "digits", "--checkpoint", str(dense), "--cache-dir", str(cache)]
     )
     assert result.exit_code == 2 and "pass it as --baseline" in result.output
+
+
+def test_fewshot_column_reuses_fewshot_with_each_settings_routing(vmoe_run, cache, tmp_path):
+    from vmoe_cli.eval.fewshot import load_backbone, run_fewshot
+
+    options = SweepOptions(batch_size=64, throughput_batch=8, repeats=1, warmup=0, fewshot_shots=5)
+    points = [GridPoint(1, 0.25, True), GridPoint(2, 2.0, False)]
+    rows = sweep(vmoe_run, "digits", points, tmp_path, options, cache_dir=cache)["rows"]
+    for p, row in zip(points, rows, strict=True):
+        backbone = load_backbone(str(vmoe_run), k=p.k, capacity_factor=p.capacity_factor, bpr=p.bpr)
+        direct = run_fewshot(str(vmoe_run), ["digits"], [5], 3, cache_dir=tmp_path / "own", backbone=backbone)
+        assert row["fewshot_top1"] == direct["datasets"]["digits"]["summary"][5]["mean"]
+    assert rows[0]["fewshot_top1"] != rows[1]["fewshot_top1"]  # the routing reaches the features

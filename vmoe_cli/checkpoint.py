@@ -38,16 +38,25 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: torch.nn.Module, recipe: Recipe, train_state: dict[str, Any], keep_last: int
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    recipe: Recipe,
+    train_state: dict[str, Any],
+    keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` of `run_dir` atomically, point `last` at it, prune to the newest `keep_last`."""
+    """Write checkpoint `step` of `run_dir` atomically, point `last` at it, prune to the newest `keep_last`.
+
+    `model` is the model or its (already gathered) state dict.
+    """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
     tmp.mkdir()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().contiguous() for k, v in weights.items()}
     save_file(state, tmp / WEIGHTS)
     dump_recipe(recipe, tmp / CONFIG)
     torch.save(train_state, tmp / TRAIN_STATE)

@@ -68,6 +68,8 @@ class TrainConfig:
     loss: Literal["softmax", "sigmoid"] = "softmax"  # softmax cross-entropy or per-class sigmoid BCE
     grad_accum: int = 1  # micro-batches per optimiser step
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate autocast
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over processes (FSDP2, one unit per
+    #   block) for models that do not fit one device; False = DDP, a full replica per process
     eval_every: int = 0  # evaluate every N steps; 0 = only at the end (always at the end)
     checkpoint_every: int = 0  # checkpoint every N steps; 0 = only at the end (always at the end)
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator
 
 from vmoe_cli.checkpoint import (
     checkpoint_dir,
@@ -33,6 +33,7 @@ from vmoe_cli.data.augment import mixup
 from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
+from vmoe_cli.train.distributed import forward_passes, full_states, load_optimizer_state, make_accelerator
 from vmoe_cli.train.optim import build_optimizer, build_scheduler, freeze
 from vmoe_cli.train.report import Reporter
 
@@ -45,12 +46,7 @@ def pretrain(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> 
 def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransformer | None = None) -> dict[str, Any]:
     """The loop. `model` (finetune) replaces the recipe's freshly initialised one; resume restores everything."""
     data, cfg = _sections(recipe)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        step_scheduler_with_optimizer=False,  # we step it once per optimiser step, not once per process
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # idle experts
-    )
+    accelerator = make_accelerator(cfg)
     micro = _micro_batch(cfg, accelerator.num_processes)
     ckpt = find_resume(run_dir, resume) if resume else None
     if ckpt is None and (checkpoint_dir(run_dir) / "last").exists():
@@ -72,7 +68,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
         state = load_train_state(ckpt)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if ckpt is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"], accelerator)
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(state["rng"])
         if accelerator.scaler is not None and "scaler" in state:
@@ -84,6 +80,8 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
 
     step, stream = state["step"], Batches(loader, state["epoch"], state["batch"])
     reporter = Reporter(run_dir, accelerator.is_main_process, total, step, cfg.tensorboard)
+    spread = "FSDP2" if accelerator.is_fsdp2 else "DDP" if accelerator.num_processes > 1 else "1 process"
+    reporter.note(f"{accelerator.num_processes} x {accelerator.device.type}, {spread}; steps {step} -> {total}")
     result: dict[str, Any] = {}
     try:
         while step < total:
@@ -185,6 +183,9 @@ def evaluate(
         logits = model(images.to(accelerator.device)).logits
         counts[0] += (logits.argmax(-1) == labels.to(accelerator.device)).sum()
         counts[1] += labels.numel()
+    for _ in range(forward_passes(len(loader), accelerator) - len(loader)):  # FSDP: match the other ranks
+        model(torch.zeros(1, recipe.model.channels, recipe.model.image_size, recipe.model.image_size,
+                          device=accelerator.device))  # fmt: skip
     correct, total = accelerator.reduce(counts, "sum").tolist()
     return {"eval_top1": correct / max(total, 1), "eval_correct": correct, "eval_total": total}
 
@@ -201,18 +202,19 @@ def checkpoint(
 ) -> None:
     """Save weights, recipe and resumable state from rank 0, with every rank waiting around it."""
     accelerator.wait_for_everyone()
+    weights, optimizer_state = full_states(model, optimizer, accelerator)  # every rank: FSDP gathers
     if accelerator.is_main_process:
         state = {
             "step": step,
             "epoch": stream.epoch,
             "batch": stream.batch,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()  # fp16: the dynamic loss scale
-        save_checkpoint(run_dir, step, accelerator.unwrap_model(model), recipe, state, recipe.train.keep_last)
+        save_checkpoint(run_dir, step, weights, recipe, state, recipe.train.keep_last)
     accelerator.wait_for_everyone()
 
 

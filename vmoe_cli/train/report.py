@@ -64,6 +64,10 @@ class Reporter:
         self._echo(f"step {record['step']} eval top-1 {record['eval_top1']:.4f} "
                    f"({record['eval_correct']}/{record['eval_total']})")  # fmt: skip
 
+    def note(self, line: str) -> None:
+        """Show one line (rank 0), e.g. how the run is spread over processes."""
+        self._echo(line)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
