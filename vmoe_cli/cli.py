@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,7 +51,7 @@ def main() -> None:
     Examples:
       vmoe model-info recipes/vmoe-s32-last2.yaml
       vmoe model-info recipes/digits-vit.yaml --set model.moe.k=1 --set model.moe.bpr=true
-      vmoe shard digits --out shards/digits --minival 0.1 --test 0.2
+      vmoe shard digits --out shards/digits --minival 0.1 --test 0.2 --shard-size 200
       vmoe shard-info shards/digits --verify
       vmoe pretrain recipes/digits-vmoe.yaml --out runs/digits-vmoe
       vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
@@ -76,7 +77,7 @@ def model_info(recipe: Path, overrides: tuple[str, ...]) -> None:
     table.add_column("value", justify="right")
     for label, value in model_card(cfg.model).items():
         table.add_row(Text(label), Text(_format(value)))  # Text: no rich markup in values
-    Console().print(table)
+    _console().print(table)
 
 
 @main.command("shard")
@@ -150,7 +151,7 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
     for split, info in manifest["splits"].items():
         size = sum(s["bytes"] or 0 for s in info["shards"])
         table.add_row(split, f"{info['count']:,}", str(len(info["shards"])), f"{size:,}" if size else "-")
-    Console().print(table)
+    _console().print(table)
     processed = sum(info["count"] for info in manifest["splits"].values()) + manifest["skipped"]
     click.echo(f"{len(manifest['classes'])} classes; {manifest['skipped']} inputs skipped", nl=False)
     if manifest["skipped"] and manifest["report"]:
@@ -181,7 +182,7 @@ def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int) ->
     table.add_section()
     table.add_row("samples", *(f"{manifest['splits'][s]['count']:,}" for s in splits))
     table.add_row("shards", *(str(len(manifest["splits"][s]["shards"])) for s in splits))
-    Console().print(table)
+    _console().print(table)
     click.echo(f"{manifest['skipped']} inputs skipped at sharding (see {out_dir / manifest['report']})")
     for problem in info["problems"]:
         click.echo(f"warning: {problem}", err=True)
@@ -281,7 +282,7 @@ def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, 
             checkpoint, datasets, shot_list, seeds, fixed_l2, kind, cache_dir, batch_size, progress=show,
             backbone=backbone,
         )  # fmt: skip
-    Console().print(fewshot_table(results))
+    _console().print(fewshot_table(results))
     if out is not None:
         json_path, csv_path = write_results(results, out)
         click.echo(f"wrote {json_path} and {csv_path}")
@@ -326,8 +327,8 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
     start = time.perf_counter()
     done = run_quickstart(recipes, shards, out_dir, cache_dir, overrides, say=click.echo)
     for results in done["fewshot"].values():
-        Console().print(fewshot_table(results))
-    Console().print(sweep_table(done["sweep"]))
+        _console().print(fewshot_table(results))
+    _console().print(sweep_table(done["sweep"]))
     click.echo("artefacts:")
     for what, path in done["artefacts"].items():
         click.echo(f"  {what}: {path}")
@@ -384,7 +385,7 @@ def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str,
     start = time.perf_counter()
     with _progress_bar() as show:
         results = sweep(checkpoint, data, points, out_dir, options, baseline, cache_dir, progress=show)
-    Console().print(sweep_table(results))
+    _console().print(sweep_table(results))
     plot = plot_sweep(results, out_dir / "sweep.png")
     click.echo(f"{len(points)} settings in {time.perf_counter() - start:.1f} s; wrote {out_dir}/sweep.csv, "
                f"sweep.json and {plot}")  # fmt: skip
@@ -434,6 +435,11 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
     finally:
         if progress.live.is_started:
             progress.stop()
+
+
+def _console() -> Console:
+    """Standard output for tables: the terminal's width, or 120 columns in a log or pipe (rich assumes 80)."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def _int_list(text: str, option: str) -> list[int]:
