@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -174,3 +175,26 @@ def test_tensorboard_events_mirror_metrics_and_resume_purges_the_killed_tail(dig
     assert [e.step for e in board.Scalars("eval_top1")] == [5, 10]
     assert [v for _, v in loss] == pytest.approx([v for _, v in expected], rel=1e-6)
     assert "moe3/expert_load/3" in board.Tags()["scalars"] and "eval_top1" in board.Tags()["scalars"]
+
+
+def test_grad_accum_of_two_halves_equals_one_full_batch(digits, tmp_path):
+    """Without router noise, 2 micro-batches of 32 take the same step as one batch of 64 (same images)."""
+    base = settings(digits, 6, batch_size=64, checkpoint_every=6) + ["model.moe.noise_std=0"]
+    pretrain(load_recipe(RECIPE, base), tmp_path / "one")
+    pretrain(load_recipe(RECIPE, [*base, "train.grad_accum=2"]), tmp_path / "two")
+    a = load_file(tmp_path / "one" / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "step_00000006" / "model.safetensors")
+    for name in a:
+        atol = 10 * 0.003 if name.endswith("qkv.bias") else 1e-5  # zero-gradient key bias: see the FSDP test
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+    assert not torch.equal(a["head.weight"], torch.zeros_like(a["head.weight"]))
+
+
+def test_bf16_mixup_and_sigmoid_loss_train_and_checkpoint(digits, tmp_path):
+    extra = ["train.mixed_precision=bf16", "train.loss=sigmoid", "data.augment.mixup=0.2"]
+    result = pretrain(load_recipe(RECIPE, settings(digits, 20) + extra), tmp_path / "run")
+    losses = [r["loss"] for r in metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert 0 <= result["eval_top1"] <= 1 and result["eval_total"] == 180
+    weights = load_file(tmp_path / "run" / "checkpoints" / "step_00000020" / "model.safetensors")
+    assert weights["head.weight"].dtype == torch.float32  # autocast computes in bf16, parameters stay fp32

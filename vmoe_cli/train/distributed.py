@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -27,7 +28,14 @@ from vmoe_cli.config import TrainConfig
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's Accelerator: precision, accumulation, and DDP or (with `cfg.fsdp`) FSDP2 over blocks."""
+    """The run's Accelerator: precision, accumulation, and DDP or (with `cfg.fsdp`) FSDP2 over blocks.
+
+    Accelerate keeps one state per process; it is reset here so that a second run in the same process (a
+    notebook, the tests) may change precision or sharding. The process group (PartialState) is kept.
+    """
+    AcceleratorState._reset_state()
+    if PartialState().distributed_type == DistributedType.FSDP:  # set below by an earlier run on CPU
+        PartialState().distributed_type = DistributedType.MULTI_CPU
     common = {
         "mixed_precision": cfg.mixed_precision,
         "gradient_accumulation_steps": cfg.grad_accum,
