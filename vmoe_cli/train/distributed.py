@@ -34,8 +34,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     notebook, the tests) may change precision or sharding. The process group (PartialState) is kept.
     """
     AcceleratorState._reset_state()
-    if PartialState().distributed_type == DistributedType.FSDP:  # set below by an earlier run on CPU
-        PartialState().distributed_type = DistributedType.MULTI_CPU
+    process = PartialState._shared_state  # read, not PartialState(): that would initialise it without our flags
+    if process.get("distributed_type") == DistributedType.FSDP:  # set below by an earlier run on CPU
+        process["distributed_type"] = DistributedType.MULTI_CPU
     common = {
         "mixed_precision": cfg.mixed_precision,
         "gradient_accumulation_steps": cfg.grad_accum,
