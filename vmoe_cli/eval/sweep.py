@@ -136,25 +136,7 @@ def sweep(
         state["baseline"] = _baseline(baseline, shard_dir, options, images)
         save(force=True)
 
-    batch_images = group_images(options.batch_size, model.cfg.moe.group_images)
-    rows = []
-    for p in points:
-        _set_routing(model, p)
-        r = state["points"][p.name]
-        n = r["total"]
-        dropped_all = {layer: v / n for layer, v in r["dropped_all"].items()}
-        dropped_any = {layer: v / n for layer, v in r["dropped_any"].items()}
-        rows.append({
-            "k": p.k, "capacity_factor": p.capacity_factor, "bpr": p.bpr, "k_above_trained": p.k > trained["k"],
-            "top1": r["correct"] / n, "correct": r["correct"], "total": n,
-            "dropped_all": statistics.fmean(dropped_all.values()),
-            "dropped_any": statistics.fmean(dropped_any.values()),
-            "dropped_all_per_layer": dropped_all, "dropped_any_per_layer": dropped_any,
-            "expert_load_per_layer": {layer: [v / n for v in load] for layer, load in r["expert_load"].items()},
-            "gflops": flops_per_image(model.cfg, batch_images) / 1e9,
-            "images_per_s": r["images_per_s"], "latency_ms": r["latency_ms"],
-            "fewshot_top1": r.get("fewshot_top1"),
-        })  # fmt: skip
+    rows = [_row(model, p, state["points"][p.name], trained["k"], options.batch_size) for p in points]
     results = {
         "checkpoint": str(checkpoint), "data": data, "split": options.split,
         "trained": {"k": trained["k"], "capacity_factor": trained["capacity_factor"], "bpr": trained["bpr"]},
@@ -163,6 +145,25 @@ def sweep(
     write_text_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
     write_text_atomic(out / "sweep.csv", _csv(rows))
     return results
+
+
+def _row(model: VisionTransformer, p: GridPoint, r: dict[str, Any], trained_k: int, batch_size: int) -> dict:
+    """One grid point's output row from its accumulated sums (image-weighted) and timings."""
+    _set_routing(model, p)  # for the analytic FLOPs of this setting
+    n = r["total"]
+    dropped_all = {layer: v / n for layer, v in r["dropped_all"].items()}
+    dropped_any = {layer: v / n for layer, v in r["dropped_any"].items()}
+    return {
+        "k": p.k, "capacity_factor": p.capacity_factor, "bpr": p.bpr, "k_above_trained": p.k > trained_k,
+        "top1": r["correct"] / n, "correct": r["correct"], "total": n,
+        "dropped_all": statistics.fmean(dropped_all.values()),
+        "dropped_any": statistics.fmean(dropped_any.values()),
+        "dropped_all_per_layer": dropped_all, "dropped_any_per_layer": dropped_any,
+        "expert_load_per_layer": {layer: [v / n for v in load] for layer, load in r["expert_load"].items()},
+        "gflops": flops_per_image(model.cfg, group_images(batch_size, model.cfg.moe.group_images)) / 1e9,
+        "images_per_s": r["images_per_s"], "latency_ms": r["latency_ms"],
+        "fewshot_top1": r.get("fewshot_top1"),
+    }  # fmt: skip
 
 
 @torch.inference_mode()
