@@ -19,7 +19,8 @@ def moe_capacity(cfg: ModelConfig, images_per_group: int | None = None) -> int:
     """C per expert per group for groups of `images_per_group` images (default: the recipe's)."""
     moe = cfg.moe
     group_tokens = (images_per_group or moe.group_images) * cfg.tokens_per_image
-    return capacity(group_tokens * moe.k, moe.num_experts, moe.capacity_factor, moe.capacity, moe.capacity_multiple)
+    to_place = group_tokens * moe.k if moe.router == "token_choice" else group_tokens  # expert choice: once each
+    return capacity(to_place, moe.num_experts, moe.capacity_factor, moe.capacity, moe.capacity_multiple)
 
 
 def flops_per_image(cfg: ModelConfig, images_per_group: int | None = None) -> float:
@@ -40,8 +41,9 @@ def flops_per_image(cfg: ModelConfig, images_per_group: int | None = None) -> fl
             slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, images) / images
             total += 2 * N * D * cfg.moe.num_experts  # router
             total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot
-            if cfg.moe.k > 1:  # combine: a batched matmul summing K weighted outputs (K=1: a multiply)
-                total += 2 * N * cfg.moe.k * D
+            choices = cfg.moe.k if cfg.moe.router == "token_choice" else cfg.moe.num_experts  # expert choice: E
+            if choices > 1:  # combine: a batched matmul summing the weighted outputs (1 choice: a multiply)
+                total += 2 * N * choices * D
         else:
             total += 2 * 2 * N * D * H
     rep = cfg.representation_size

@@ -19,6 +19,7 @@ class MoEConfig:
 
     # "every-N" (blocks N-1, 2N-1, ...), "last-N" (the last N odd blocks) or a list of 0-based blocks
     layers: str | list[int] = "every-2"
+    router: Literal["token_choice", "expert_choice"] = "token_choice"  # tokens pick K experts, or experts pick C tokens
     num_experts: int = 8  # E
     k: int = 2  # experts selected per token
     capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`

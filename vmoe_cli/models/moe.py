@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmoe_cli.models.config import MoEConfig
-from vmoe_cli.models.routing import Plan, RouterOutput, TokenChoiceRouter
+from vmoe_cli.models.routing import Plan, RouterOutput, make_router
 
 
 def group_images(batch: int, max_images: int) -> int:
@@ -107,7 +107,7 @@ class MoEMlp(nn.Module):
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig, gelu: str = "tanh"):
         super().__init__()
         self.cfg = cfg
-        self.router = TokenChoiceRouter(dim, cfg)
+        self.router = make_router(dim, cfg)
         self.experts = Experts(cfg.num_experts, dim, hidden, gelu, cfg.expert_dropout, cfg.expert_init)
 
     def forward(self, x_BND: Tensor) -> MoEOutput:

@@ -140,6 +140,49 @@ def token_choice_plan(gates_GSE: Tensor, k: int, capacity_: int, bpr: bool) -> t
     return plan, seen_GQE[:, -1]
 
 
+def expert_choice_plan(gates_GSE: Tensor, capacity_: int) -> Plan:
+    """Each expert takes the C tokens with the largest gate in its column; ties go to the earlier token.
+
+    As a Plan with K = E: a token's choice e is expert e, its slot the token's rank in expert e's order,
+    kept when that rank is below C. A token may so be processed by 0 to E experts.
+    """
+    G, S, E = gates_GSE.shape
+    order_GES = torch.sort(gates_GSE.transpose(1, 2), dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(S, device=gates_GSE.device).expand(G, E, S)
+    rank_GES = torch.empty_like(order_GES).scatter_(2, order_GES, ranks)  # token -> its place in the order
+    expert_GSE = torch.arange(E, device=gates_GSE.device).expand(G, S, E)
+    return Plan(expert_GSE, rank_GES.transpose(1, 2), gates_GSE, capacity=capacity_, num_experts=E)
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Softmax expert choice (Zhou et al. 2022, as in "Routers in Vision MoE"): experts pick tokens, no aux loss."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
+
+    def forward(self, x_GSD: Tensor) -> RouterOutput:
+        cfg = self.cfg
+        G, S, _ = x_GSD.shape
+        E = cfg.num_experts
+        C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
+        if self.training and cfg.noise_std > 0:
+            logits_GSE = logits_GSE + cfg.noise_std / E * torch.randn_like(logits_GSE)
+        plan = expert_choice_plan(logits_GSE.softmax(dim=-1), C)
+        with torch.no_grad():
+            experts_GS = plan.kept_GSK.sum(dim=-1)  # how many experts process each token
+            metrics = {
+                "tokens_0_experts": (experts_GS == 0).float().mean(),
+                "tokens_1_expert": (experts_GS == 1).float().mean(),
+                "tokens_2plus_experts": (experts_GS >= 2).float().mean(),
+            }
+            metrics["dropped_all"] = metrics["dropped_any"] = metrics["tokens_0_experts"]  # no K to miss
+            metrics.update(_load_metrics(plan.kept_GSK.sum(dim=1), C))
+        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics)
+
+
 class TokenChoiceRouter(nn.Module):
     """The V-MoE router: noisy top-K softmax gating, capacity and optional BPR (token_choice_plan)."""
 
@@ -179,3 +222,8 @@ class TokenChoiceRouter(nn.Module):
             metrics["dropped_any"] = dropped_GSK.any(dim=-1).float().mean()
             metrics.update(_load_metrics(seen_GE.clamp(max=C), C))
         return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics)
+
+
+def make_router(dim: int, cfg: MoEConfig) -> nn.Module:
+    """The router `cfg.router` names."""
+    return {"token_choice": TokenChoiceRouter, "expert_choice": ExpertChoiceRouter}[cfg.router](dim, cfg)

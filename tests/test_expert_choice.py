@@ -1,0 +1,60 @@
+"""Expert-choice routing: experts take their top-C tokens, through the same dispatch and combine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vmoe_cli.models.config import MoEConfig
+from vmoe_cli.models.moe import MoEMlp
+from vmoe_cli.models.routing import expert_choice_plan
+
+
+def loop_expert_choice(gates: list[list[float]], capacity: int) -> set[tuple[int, int, int]]:
+    """(token, expert, slot) of every kept assignment, by a plain loop: each expert sorts its column."""
+    kept = set()
+    for e in range(len(gates[0])):
+        order = sorted(range(len(gates)), key=lambda t: (-gates[t][e], t))  # ties: the earlier token first
+        kept |= {(t, e, slot) for slot, t in enumerate(order[:capacity])}
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_equals_a_plain_loop_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    gates = torch.randint(0, 5, (1, 9, 4), generator=g).float() / 4  # few values: many ties
+    capacity = int(torch.randint(1, 10, (1,), generator=g))
+    plan = expert_choice_plan(gates, capacity)
+    kept = {(t, int(plan.expert_GSK[0, t, e]), int(plan.slot_GSK[0, t, e])) for t in range(9) for e in range(4)
+            if plan.kept_GSK[0, t, e]}  # fmt: skip
+    assert kept == loop_expert_choice(gates[0].tolist(), capacity)
+    assert torch.equal(plan.weight_GSK, gates)
+
+
+def test_moe_block_output_is_the_gate_weighted_sum_of_chosen_experts():
+    torch.manual_seed(0)
+    cfg = MoEConfig(router="expert_choice", num_experts=3, capacity=2, capacity_factor=None, capacity_multiple=1,
+                    group_images=1, expert_init="independent")  # fmt: skip
+    moe = MoEMlp(8, 16, cfg).eval()
+    x = torch.randn(2, 5, 8)  # 2 groups (images) of 5 tokens
+    out = moe(x)
+    gates = torch.softmax(x @ moe.router.proj.weight.T, dim=-1)  # [2, 5, 3]
+    expected = torch.zeros_like(x)
+    for g in range(2):
+        for e in range(3):
+            for t in torch.sort(gates[g, :, e], descending=True, stable=True).indices[:2]:
+                w1, b1, w2, b2 = (p[e] for p in (moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2))
+                h = torch.nn.functional.gelu(x[g, t] @ w1 + b1[0], approximate="tanh")
+                expected[g, t] += gates[g, t, e] * (h @ w2 + b2[0])
+    torch.testing.assert_close(out.y, expected, atol=1e-5, rtol=1e-5)
+    m = out.routing.metrics
+    shares = m["tokens_0_experts"] + m["tokens_1_expert"] + m["tokens_2plus_experts"]
+    assert shares.item() == pytest.approx(1.0) and m["expert_load"].tolist() == [1.0, 1.0, 1.0]
+    assert out.routing.aux_loss.item() == 0.0
+
+
+def test_router_learns_through_the_combine_weights():
+    cfg = MoEConfig(router="expert_choice", num_experts=4, capacity_factor=1.0, group_images=2)
+    moe = MoEMlp(8, 16, cfg).train()
+    moe(torch.randn(4, 6, 8)).y.square().mean().backward()
+    assert moe.router.proj.weight.grad.abs().sum() > 0
