@@ -58,3 +58,33 @@ def test_router_learns_through_the_combine_weights():
     moe = MoEMlp(8, 16, cfg).train()
     moe(torch.randn(4, 6, 8)).y.square().mean().backward()
     assert moe.router.proj.weight.grad.abs().sum() > 0
+
+
+def test_soft_moe_matches_its_definition_and_learns():
+    """Slots = softmax-over-tokens mixtures of raw tokens; outputs = softmax-over-slots mixtures; normalised logits."""
+    from vmoe_cli.models.moe import SoftMoEMlp
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(router="soft", num_experts=3, capacity=2, capacity_factor=None, expert_init="independent")
+    moe = SoftMoEMlp(8, 16, cfg, tokens=5)
+    assert moe.phi.shape == (8, 3, 2)
+    x = torch.randn(2, 5, 8)
+    out = moe(x)
+    for b in range(2):  # one image is one group
+        logits = torch.zeros(5, 3, 2)
+        for n in range(5):
+            for e in range(3):
+                for p in range(2):
+                    xn, pn = x[b, n] / x[b, n].norm(), moe.phi[:, e, p] / moe.phi[:, e, p].norm()
+                    logits[n, e, p] = moe.scale * (xn @ pn)
+        dispatch, combine = logits.softmax(0), logits.reshape(5, 6).softmax(1).reshape(5, 3, 2)
+        y = torch.zeros(5, 8)
+        for e in range(3):
+            w1, b1, w2, b2 = (t[e] for t in (moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2))
+            for p in range(2):
+                slot = (dispatch[:, e, p, None] * x[b]).sum(0)
+                o = torch.nn.functional.gelu(slot @ w1 + b1[0], approximate="tanh") @ w2 + b2[0]
+                y += combine[:, e, p, None] * o
+        torch.testing.assert_close(out.y[b], y, atol=1e-5, rtol=1e-5)
+    out.y.square().mean().backward()
+    assert moe.phi.grad.abs().sum() > 0 and moe.scale.grad.abs() > 0 and out.routing.aux_loss.item() == 0

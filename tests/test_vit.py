@@ -47,6 +47,7 @@ FLOP_CASES = {
     "moe every-2 gap K=1 fixed C": nano(pool="gap", moe=MoEConfig(k=1, capacity_factor=None, capacity=5)),
     "moe group 3 images": nano(moe=MoEConfig(layers=[0, 3], num_experts=3, group_images=3, capacity_factor=0.7)),
     "expert choice": nano(moe=MoEConfig(router="expert_choice", num_experts=4, capacity_factor=1.0)),
+    "soft moe": nano(pool="gap", moe=MoEConfig(router="soft", num_experts=4, capacity_factor=1.0)),
 }
 
 

@@ -36,7 +36,11 @@ def flops_per_image(cfg: ModelConfig, images_per_group: int | None = None) -> fl
     moe_layers = set(cfg.moe_layers())
     for i in range(depth):
         total += attention
-        if i in moe_layers:
+        if i in moe_layers and cfg.moe.router == "soft":  # one image per group, E x slots mixtures
+            slots = cfg.moe.num_experts * cfg.moe.soft_slots(N)
+            total += 3 * 2 * N * slots * D  # logits, dispatch mixtures, combine mixtures
+            total += slots * 2 * 2 * D * H  # experts over every slot
+        elif i in moe_layers:
             images = images_per_group or cfg.moe.group_images
             slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, images) / images
             total += 2 * N * D * cfg.moe.num_experts  # router
@@ -91,8 +95,12 @@ def model_card(cfg: ModelConfig) -> dict[str, object]:
         card["MoE blocks"] = "none (dense ViT)"
         return card
     card["MoE blocks"] = ", ".join(map(str, cfg.moe_layers())) + f" (of 0..{depth - 1})"
-    card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}"
+    card["router"] = moe.router
     card["capacity"] = f"fixed {moe.capacity}" if moe.capacity else f"factor {moe.capacity_factor}"
+    if moe.router == "soft":
+        card["experts E / slots per expert (per image)"] = f"{moe.num_experts} / {moe.soft_slots(cfg.tokens_per_image)}"
+        return card
+    card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}" if moe.router == "token_choice" else moe.num_experts
     card["capacity per expert per group C"] = moe_capacity(cfg)
     card["group size"] = f"{moe.group_images} images = {moe.group_images * cfg.tokens_per_image} tokens"
     card["batch priority routing"] = "on" if moe.bpr else "off"

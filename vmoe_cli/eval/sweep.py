@@ -94,6 +94,10 @@ def sweep(
     model = load_model(ckpt).to(options.device)
     if model.cfg.moe is None:
         raise VmoeError(f"--checkpoint {checkpoint}: a dense model has nothing to sweep; pass it as --baseline")
+    if model.cfg.moe.router == "soft":
+        raise VmoeError(
+            f"--checkpoint {checkpoint}: Soft MoE drops no token and its slots are weights; nothing to sweep"
+        )
     for p in points:
         if p.k > model.cfg.moe.num_experts:
             raise VmoeError(f"--k {p.k}: the model has only {model.cfg.moe.num_experts} experts")

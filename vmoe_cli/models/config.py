@@ -19,7 +19,8 @@ class MoEConfig:
 
     # "every-N" (blocks N-1, 2N-1, ...), "last-N" (the last N odd blocks) or a list of 0-based blocks
     layers: str | list[int] = "every-2"
-    router: Literal["token_choice", "expert_choice"] = "token_choice"  # tokens pick K experts, or experts pick C tokens
+    router: Literal["token_choice", "expert_choice", "soft"] = "token_choice"  # tokens pick K experts, experts
+    #   pick C tokens, or Soft MoE: each expert's slots are softmax mixtures of one image's tokens (C = slots)
     num_experts: int = 8  # E
     k: int = 2  # experts selected per token
     capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`
@@ -34,6 +35,12 @@ class MoEConfig:
     load_weight: float = 0.005  # load auxiliary loss (only when noise is on)
     gshard_weight: float = 0.0  # GShard load-balancing loss
     zloss_weight: float = 0.0  # ST-MoE router z-loss
+
+    def soft_slots(self, tokens: int) -> int:
+        """Soft MoE slots per expert for `tokens` per image: the fixed `capacity`, or round(tokens * cf / E)."""
+        if self.capacity is not None:
+            return self.capacity
+        return max(1, round(tokens * self.capacity_factor / self.num_experts))
 
     def validate(self, depth: int) -> None:
         """Raise VmoeError naming the key when the settings cannot work for `depth` blocks."""

@@ -119,3 +119,35 @@ class MoEMlp(nn.Module):
         out_ECD = self.experts(dispatch(x_GSD, routing.plan, row_GSK))
         y_GSD = combine(out_ECD, routing.plan, row_GSK)
         return MoEOutput(y=y_GSD.reshape(B, N, D), routing=routing)
+
+
+class SoftMoEMlp(nn.Module):
+    """Soft MoE (Puigcerver et al. 2023): every slot is a softmax mixture of one image's tokens, every token a
+    softmax mixture of all slot outputs. No token is dropped and there is no auxiliary loss.
+
+    Tokens and the slot parameters `phi` `[D, E, slots]` are L2-normalised along D; a learned `scale` (init 1)
+    multiplies the logits. Slots per expert: `capacity` if given, else round(tokens per image * cf / E).
+    """
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, tokens: int, gelu: str = "tanh"):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.num_experts
+        self.phi = nn.Parameter(torch.randn(dim, E, cfg.soft_slots(tokens)) / dim**0.5)  # LeCun normal: fan-in D
+        self.scale = nn.Parameter(torch.ones(()))
+        self.experts = Experts(E, dim, hidden, gelu, cfg.expert_dropout, cfg.expert_init)
+
+    def forward(self, x_BND: Tensor) -> MoEOutput:
+        B, N, D = x_BND.shape
+        E, P = self.phi.shape[1:]
+        x_norm = F.normalize(x_BND.float(), dim=-1, eps=1e-6)
+        phi_norm = F.normalize(self.phi.float(), dim=0, eps=1e-6)
+        logits_BNEP = self.scale * torch.einsum("bnd,dep->bnep", x_norm, phi_norm)
+        dispatch_BNEP = logits_BNEP.softmax(dim=1).to(x_BND.dtype)  # over the image's tokens, per slot
+        combine_BNEP = logits_BNEP.flatten(2).softmax(dim=-1).view(B, N, E, P).to(x_BND.dtype)  # over all slots
+        slots_EBPD = torch.einsum("bnep,bnd->ebpd", dispatch_BNEP, x_BND)  # unnormalised tokens mixed
+        out_EBPD = self.experts(slots_EBPD.reshape(E, B * P, D)).view(E, B, P, D)
+        y_BND = torch.einsum("bnep,ebpd->bnd", combine_BNEP, out_EBPD)
+        zero = x_BND.new_zeros((), dtype=torch.float32)
+        metrics = {"dropped_all": zero, "dropped_any": zero, "scale": self.scale.detach().float()}
+        return MoEOutput(y=y_BND, routing=RouterOutput(plan=None, aux_loss=zero, metrics=metrics))

@@ -61,7 +61,7 @@ class Plan:
 
 @dataclass
 class RouterOutput:
-    plan: Plan
+    plan: Plan | None  # None for Soft MoE, which mixes tokens instead of placing them
     aux_loss: Tensor  # scalar, already weighted, to add to the task loss
     metrics: dict[str, Tensor]  # detached scalars or [E] vectors, for logging
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmoe_cli.models.config import ModelConfig
-from vmoe_cli.models.moe import MoEMlp
+from vmoe_cli.models.moe import MoEMlp, SoftMoEMlp
 from vmoe_cli.models.routing import RouterOutput
 
 
@@ -59,12 +59,17 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.attn = Attention(dim, heads, cfg.dropout)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.mlp = MoEMlp(dim, hidden, cfg.moe, cfg.gelu) if moe else Mlp(dim, hidden, cfg.gelu, cfg.dropout)
+        if not moe:
+            self.mlp = Mlp(dim, hidden, cfg.gelu, cfg.dropout)
+        elif cfg.moe.router == "soft":
+            self.mlp = SoftMoEMlp(dim, hidden, cfg.moe, cfg.tokens_per_image, cfg.gelu)
+        else:
+            self.mlp = MoEMlp(dim, hidden, cfg.moe, cfg.gelu)
 
     def forward(self, x_BND: Tensor) -> tuple[Tensor, RouterOutput | None]:
         x_BND = x_BND + self.attn(self.norm1(x_BND))
         out = self.mlp(self.norm2(x_BND))
-        if isinstance(self.mlp, MoEMlp):
+        if isinstance(self.mlp, MoEMlp | SoftMoEMlp):
             return x_BND + out.y, out.routing
         return x_BND + out, None
 
