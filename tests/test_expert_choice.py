@@ -88,3 +88,31 @@ def test_soft_moe_matches_its_definition_and_learns():
         torch.testing.assert_close(out.y[b], y, atol=1e-5, rtol=1e-5)
     out.y.square().mean().backward()
     assert moe.phi.grad.abs().sum() > 0 and moe.scale.grad.abs() > 0 and out.routing.aux_loss.item() == 0
+
+
+@pytest.mark.parametrize("router", ["sinkhorn_token_choice", "sinkhorn_expert_choice"])
+def test_sinkhorn_routers_select_on_the_plan_and_weight_by_softmax(router):
+    from vmoe_cli.models.routing import expert_choice_plan, sinkhorn_plan, token_choice_plan
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12, 4) * 3
+    plan = sinkhorn_plan(logits)
+    torch.testing.assert_close(plan.sum(-1), torch.ones(2, 12), atol=1e-3, rtol=0)  # each token: mass 1
+    torch.testing.assert_close(plan.sum(1), torch.full((2, 4), 3.0), atol=1e-3, rtol=0)  # each expert: S/E
+
+    cfg = MoEConfig(router=router, num_experts=4, k=2, capacity_factor=1.0, group_images=1)
+    moe = MoEMlp(8, 16, cfg).eval()
+    x = torch.randn(2, 12, 8)
+    out = moe(x)
+    logits = x @ moe.router.proj.weight.T
+    p, gates = sinkhorn_plan(logits), logits.softmax(-1)
+    if router == "sinkhorn_token_choice":
+        expected, _ = token_choice_plan(p, 2, 8, bpr=False)  # C = ceil(12 * 2 * 1.0 / 4) = 6 -> 8
+        weights = gates.gather(2, expected.expert_GSK)
+    else:
+        expected, weights = expert_choice_plan(p, 4), gates  # C = 3 -> 4
+    got = out.routing.plan
+    assert torch.equal(got.expert_GSK, expected.expert_GSK) and torch.equal(got.slot_GSK, expected.slot_GSK)
+    torch.testing.assert_close(got.weight_GSK, weights)
+    out.y.square().mean().backward()
+    assert moe.router.proj.weight.grad.abs().sum() > 0  # through the softmax combine weights only

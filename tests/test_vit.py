@@ -48,6 +48,8 @@ FLOP_CASES = {
     "moe group 3 images": nano(moe=MoEConfig(layers=[0, 3], num_experts=3, group_images=3, capacity_factor=0.7)),
     "expert choice": nano(moe=MoEConfig(router="expert_choice", num_experts=4, capacity_factor=1.0)),
     "soft moe": nano(pool="gap", moe=MoEConfig(router="soft", num_experts=4, capacity_factor=1.0)),
+    "sinkhorn token choice": nano(moe=MoEConfig(router="sinkhorn_token_choice", num_experts=4)),
+    "sinkhorn expert choice": nano(moe=MoEConfig(router="sinkhorn_expert_choice", num_experts=4)),
 }
 
 

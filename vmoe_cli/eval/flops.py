@@ -19,7 +19,7 @@ def moe_capacity(cfg: ModelConfig, images_per_group: int | None = None) -> int:
     """C per expert per group for groups of `images_per_group` images (default: the recipe's)."""
     moe = cfg.moe
     group_tokens = (images_per_group or moe.group_images) * cfg.tokens_per_image
-    to_place = group_tokens * moe.k if moe.router == "token_choice" else group_tokens  # expert choice: once each
+    to_place = group_tokens * moe.k if moe.is_token_choice else group_tokens  # expert choice: once each
     return capacity(to_place, moe.num_experts, moe.capacity_factor, moe.capacity, moe.capacity_multiple)
 
 
@@ -45,7 +45,7 @@ def flops_per_image(cfg: ModelConfig, images_per_group: int | None = None) -> fl
             slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, images) / images
             total += 2 * N * D * cfg.moe.num_experts  # router
             total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot
-            choices = cfg.moe.k if cfg.moe.router == "token_choice" else cfg.moe.num_experts  # expert choice: E
+            choices = cfg.moe.k if cfg.moe.is_token_choice else cfg.moe.num_experts  # expert choice: E
             if choices > 1:  # combine: a batched matmul summing the weighted outputs (1 choice: a multiply)
                 total += 2 * N * choices * D
         else:
@@ -100,7 +100,7 @@ def model_card(cfg: ModelConfig) -> dict[str, object]:
     if moe.router == "soft":
         card["experts E / slots per expert (per image)"] = f"{moe.num_experts} / {moe.soft_slots(cfg.tokens_per_image)}"
         return card
-    card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}" if moe.router == "token_choice" else moe.num_experts
+    card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}" if moe.is_token_choice else moe.num_experts
     card["capacity per expert per group C"] = moe_capacity(cfg)
     card["group size"] = f"{moe.group_images} images = {moe.group_images * cfg.tokens_per_image} tokens"
     card["batch priority routing"] = "on" if moe.bpr else "off"

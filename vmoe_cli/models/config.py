@@ -19,8 +19,11 @@ class MoEConfig:
 
     # "every-N" (blocks N-1, 2N-1, ...), "last-N" (the last N odd blocks) or a list of 0-based blocks
     layers: str | list[int] = "every-2"
-    router: Literal["token_choice", "expert_choice", "soft"] = "token_choice"  # tokens pick K experts, experts
-    #   pick C tokens, or Soft MoE: each expert's slots are softmax mixtures of one image's tokens (C = slots)
+    # tokens pick K experts; experts pick C tokens; Soft MoE (each expert's slots are softmax mixtures of one
+    # image's tokens, C = slots); or either choice made on a Sinkhorn transport plan (combine: softmax gates)
+    router: Literal["token_choice", "expert_choice", "soft", "sinkhorn_token_choice", "sinkhorn_expert_choice"] = (
+        "token_choice"
+    )
     num_experts: int = 8  # E
     k: int = 2  # experts selected per token
     capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`
@@ -35,6 +38,11 @@ class MoEConfig:
     load_weight: float = 0.005  # load auxiliary loss (only when noise is on)
     gshard_weight: float = 0.0  # GShard load-balancing loss
     zloss_weight: float = 0.0  # ST-MoE router z-loss
+
+    @property
+    def is_token_choice(self) -> bool:
+        """Tokens pick K experts (softmax or Sinkhorn); otherwise experts pick tokens, or Soft MoE mixes them."""
+        return self.router in ("token_choice", "sinkhorn_token_choice")
 
     def soft_slots(self, tokens: int) -> int:
         """Soft MoE slots per expert for `tokens` per image: the fixed `capacity`, or round(tokens * cf / E)."""

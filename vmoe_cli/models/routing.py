@@ -224,6 +224,62 @@ class TokenChoiceRouter(nn.Module):
         return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics)
 
 
+def sinkhorn_plan(logits_GSE: Tensor, iterations: int = 20) -> Tensor:
+    """Entropic optimal transport (epsilon 1) of tokens (mass 1 each) onto experts (mass S/E each).  [G, S, E]
+
+    K = exp(logits) (shifted by the group's max, which the scalings absorb); `iterations` rounds of
+    v = b / (K^T u), u = a / (K v); P = diag(u) K diag(v). No gradient flows through the plan.
+    """
+    with torch.no_grad():
+        G, S, E = logits_GSE.shape
+        K_GSE = torch.exp(logits_GSE - logits_GSE.amax(dim=(1, 2), keepdim=True))
+        u_GS1 = torch.ones(G, S, 1, device=logits_GSE.device)
+        for _ in range(iterations):  # elementwise products and sums: no matmul, as FLOPs count matmuls only
+            v_G1E = (S / E) / (K_GSE * u_GS1).sum(dim=1, keepdim=True)
+            u_GS1 = 1.0 / (K_GSE * v_G1E).sum(dim=2, keepdim=True)
+        return u_GS1 * K_GSE * v_G1E
+
+
+class SinkhornRouter(nn.Module):
+    """Sinkhorn token choice (top-K per token on the plan, BPR by its row max) or expert choice (top-C per
+    expert on the plan); combine weights are the softmax of the logits, so the router learns through them."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
+
+    def forward(self, x_GSD: Tensor) -> RouterOutput:
+        cfg = self.cfg
+        G, S, _ = x_GSD.shape
+        E = cfg.num_experts
+        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
+        if self.training and cfg.noise_std > 0:
+            logits_GSE = logits_GSE + cfg.noise_std / E * torch.randn_like(logits_GSE)
+        plan_GSE = sinkhorn_plan(logits_GSE)
+        gates_GSE = logits_GSE.softmax(dim=-1)
+        if not cfg.is_token_choice:
+            C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+            plan = expert_choice_plan(plan_GSE, C)
+            plan.weight_GSK = gates_GSE
+        else:
+            C = capacity(S * cfg.k, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+            plan, _ = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
+            plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
+        with torch.no_grad():
+            kept_GSK = plan.kept_GSK
+            metrics = {"dropped_all": (~kept_GSK).all(dim=-1).float().mean()}
+            metrics["dropped_any"] = (
+                (~kept_GSK).any(dim=-1).float().mean()
+                if cfg.router != "sinkhorn_expert_choice"
+                else metrics["dropped_all"]
+            )
+            placed_GE = F.one_hot(plan.expert_GSK, E).mul(kept_GSK.unsqueeze(-1)).sum(dim=(1, 2))
+            metrics.update(_load_metrics(placed_GE, C))
+        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics)
+
+
 def make_router(dim: int, cfg: MoEConfig) -> nn.Module:
-    """The router `cfg.router` names."""
-    return {"token_choice": TokenChoiceRouter, "expert_choice": ExpertChoiceRouter}[cfg.router](dim, cfg)
+    """The router `cfg.router` names (Soft MoE is a block of its own: models/moe.py)."""
+    routers = {"token_choice": TokenChoiceRouter, "expert_choice": ExpertChoiceRouter}
+    return routers.get(cfg.router, SinkhornRouter)(dim, cfg)
