@@ -154,22 +154,31 @@ def expert_choice_plan(gates_GSE: Tensor, capacity_: int) -> Plan:
     return Plan(expert_GSE, rank_GES.transpose(1, 2), gates_GSE, capacity=capacity_, num_experts=E)
 
 
-class ExpertChoiceRouter(nn.Module):
-    """Softmax expert choice (Zhou et al. 2022, as in "Routers in Vision MoE"): experts pick tokens, no aux loss."""
+class LinearRouter(nn.Module):
+    """A router's shared part: logits = x @ W (no bias) in float32, plus noise of std noise_std / E in training."""
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg  # shared with the model, so K / capacity / BPR can change at inference
         self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
+
+    def noisy_logits(self, x_GSD: Tensor) -> Tensor:
+        """The logits `[G, S, E]` the choice is made on (noisy in training)."""
+        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
+        if self.training and self.cfg.noise_std > 0:
+            logits_GSE = logits_GSE + self.cfg.noise_std / self.cfg.num_experts * torch.randn_like(logits_GSE)
+        return logits_GSE
+
+
+class ExpertChoiceRouter(LinearRouter):
+    """Softmax expert choice (Zhou et al. 2022, as in "Routers in Vision MoE"): experts pick tokens, no aux loss."""
 
     def forward(self, x_GSD: Tensor) -> RouterOutput:
         cfg = self.cfg
         G, S, _ = x_GSD.shape
         E = cfg.num_experts
         C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
-        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
-        if self.training and cfg.noise_std > 0:
-            logits_GSE = logits_GSE + cfg.noise_std / E * torch.randn_like(logits_GSE)
+        logits_GSE = self.noisy_logits(x_GSD)
         plan = expert_choice_plan(logits_GSE.softmax(dim=-1), C)
         with torch.no_grad():
             experts_GS = plan.kept_GSK.sum(dim=-1)  # how many experts process each token
@@ -183,13 +192,8 @@ class ExpertChoiceRouter(nn.Module):
         return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics)
 
 
-class TokenChoiceRouter(nn.Module):
+class TokenChoiceRouter(LinearRouter):
     """The V-MoE router: noisy top-K softmax gating, capacity and optional BPR (token_choice_plan)."""
-
-    def __init__(self, dim: int, cfg: MoEConfig):
-        super().__init__()
-        self.cfg = cfg  # shared with the model, so K / capacity / BPR can change at inference
-        self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
 
     def forward(self, x_GSD: Tensor) -> RouterOutput:
         cfg = self.cfg
@@ -240,22 +244,15 @@ def sinkhorn_plan(logits_GSE: Tensor, iterations: int = 20) -> Tensor:
         return u_GS1 * K_GSE * v_G1E
 
 
-class SinkhornRouter(nn.Module):
+class SinkhornRouter(LinearRouter):
     """Sinkhorn token choice (top-K per token on the plan, BPR by its row max) or expert choice (top-C per
     expert on the plan); combine weights are the softmax of the logits, so the router learns through them."""
-
-    def __init__(self, dim: int, cfg: MoEConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
 
     def forward(self, x_GSD: Tensor) -> RouterOutput:
         cfg = self.cfg
         G, S, _ = x_GSD.shape
         E = cfg.num_experts
-        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
-        if self.training and cfg.noise_std > 0:
-            logits_GSE = logits_GSE + cfg.noise_std / E * torch.randn_like(logits_GSE)
+        logits_GSE = self.noisy_logits(x_GSD)
         plan_GSE = sinkhorn_plan(logits_GSE)
         gates_GSE = logits_GSE.softmax(dim=-1)
         if not cfg.is_token_choice:
