@@ -141,7 +141,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
     recipe = load_recipe(ROOT / "recipes" / "digits-vmoe.yaml")
     torch.manual_seed(0)
-    save_checkpoint(run, 1, VisionTransformer(recipe.model), recipe, {}, keep_last=5)
+    save_checkpoint(run, 1, VisionTransformer(recipe.model).state_dict(), recipe, {}, keep_last=5)
     return run
 
 
@@ -158,7 +158,9 @@ def test_features_are_cached_and_invalidated_when_the_checkpoint_changes(tiny_ch
     model = VisionTransformer(recipe.model)
     with torch.no_grad():
         model.patch_embed.weight.mul_(2.0)
-    save_checkpoint(tiny_checkpoint, 2, model, recipe, {}, keep_last=5)  # the run's newest checkpoint changes
+    save_checkpoint(
+        tiny_checkpoint, 2, model.state_dict(), recipe, {}, keep_last=5
+    )  # the run's newest checkpoint changes
     changed = dataset_features(load_backbone(str(tiny_checkpoint)), "digits", tmp_path)
     assert not changed.cached and not np.allclose(changed.test_x, first.test_x)
 

@@ -87,7 +87,7 @@ def test_paper_finetune_recipe_loads_its_pretrain_checkpoint(tmp_path):
     from vmoe_cli.checkpoint import save_checkpoint
     from vmoe_cli.models.vit import VisionTransformer
 
-    save_checkpoint(tmp_path, 1, VisionTransformer(pre.model), pre, {}, keep_last=1)
+    save_checkpoint(tmp_path, 1, VisionTransformer(pre.model).state_dict(), pre, {}, keep_last=1)
     model = initial_model(load_recipe(ROOT / "recipes" / "vmoe-s32-last2-ft384.yaml"), tmp_path)
     assert model.pos_embed.shape == (1, 1 + 12 * 12, 512) and model.cfg.moe.capacity_factor == 1.5
     assert isinstance(model.pre_logits, torch.nn.Identity)

@@ -35,7 +35,7 @@ def save_random_model(run: Path, recipe_name: str) -> Path:
         for name, p in model.named_parameters():
             if "router" in name:
                 p.normal_(std=1.0)  # varied gates, so capacity and BPR matter
-    save_checkpoint(run, 1, model, recipe, {}, keep_last=1)
+    save_checkpoint(run, 1, model.state_dict(), recipe, {}, keep_last=1)
     return run
 
 
@@ -172,6 +172,6 @@ def test_fewshot_column_reuses_fewshot_with_each_settings_routing(vmoe_run, cach
     rows = sweep(vmoe_run, "digits", points, tmp_path, options, cache_dir=cache)["rows"]
     for p, row in zip(points, rows, strict=True):
         backbone = load_backbone(str(vmoe_run), k=p.k, capacity_factor=p.capacity_factor, bpr=p.bpr)
-        direct = run_fewshot(str(vmoe_run), ["digits"], [5], 3, cache_dir=tmp_path / "own", backbone=backbone)
+        direct = run_fewshot(backbone, ["digits"], [5], 3, cache_dir=tmp_path / "own")
         assert row["fewshot_top1"] == direct["datasets"]["digits"]["summary"][5]["mean"]
     assert rows[0]["fewshot_top1"] != rows[1]["fewshot_top1"]  # the routing reaches the features

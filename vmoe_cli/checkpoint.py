@@ -40,22 +40,19 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: torch.nn.Module | dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
     recipe: Recipe,
     train_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` of `run_dir` atomically, point `last` at it, prune to the newest `keep_last`.
-
-    `model` is the model or its (already gathered) state dict.
-    """
+    """Write checkpoint `step` of `run_dir` (the model's full state dict `weights`) atomically, point `last` at
+    it, prune to the newest `keep_last`."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
     tmp.mkdir()
-    weights = model if isinstance(model, dict) else model.state_dict()
     state = {k: v.detach().contiguous() for k, v in weights.items()}
     save_file(state, tmp / WEIGHTS)
     dump_recipe(recipe, tmp / CONFIG)
@@ -66,6 +63,11 @@ def save_checkpoint(
     for old in _complete(root)[:-keep_last]:
         shutil.rmtree(old)
     return final
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint directory, from its name `step_XXXXXXXX`."""
+    return int(Path(path).name.removeprefix("step_"))
 
 
 def find_resume(run_dir: str | Path, which: str) -> Path:

@@ -279,9 +279,8 @@ def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, 
     backbone = load_backbone(checkpoint, k, capacity_factor, bpr, pixels_size=pixels_size)
     with _progress_bar() as show:
         results = run_fewshot(
-            checkpoint, datasets, shot_list, seeds, fixed_l2, kind, cache_dir, batch_size, progress=show,
-            backbone=backbone,
-        )  # fmt: skip
+            backbone, datasets, shot_list, seeds, fixed_l2, kind, cache_dir, batch_size, progress=show
+        )
     _console().print(fewshot_table(results))
     if out is not None:
         json_path, csv_path = write_results(results, out)

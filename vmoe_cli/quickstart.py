@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmoe_cli.checkpoint import checkpoint_dir, find_resume, load_train_state
+from vmoe_cli.checkpoint import checkpoint_dir, checkpoint_step, find_resume
 from vmoe_cli.config import load_recipe
 from vmoe_cli.data.shard import ShardOptions, write_shards
 from vmoe_cli.data.sources import open_source
@@ -52,7 +52,7 @@ def run_quickstart(
     for name, checkpoint in (("pixels", "pixels"), *((n, str(runs[n])) for n in TWINS)):
         say(f"[3/4] few-shot probe of {name} on {shards}")
         backbone = load_backbone(checkpoint, pixels_size=8)
-        results = run_fewshot(checkpoint, [str(shards)], cache_dir=cache_dir, backbone=backbone)
+        results = run_fewshot(backbone, [str(shards)], cache_dir=cache_dir)
         fewshot[name] = results
         write_results(results, out / "fewshot" / f"{name}.json")
     say(f"[4/4] capacity sweep of digits-vmoe on {shards} (test), dense twin as baseline -> {out / 'sweep'}")
@@ -72,7 +72,7 @@ def _pretrain_or_resume(recipe: Any, run: Path) -> str:
     if not (checkpoint_dir(run) / "last").is_file():
         result = pretrain(recipe, run)
     else:
-        done = load_train_state(find_resume(run, "latest"))["step"]
+        done = checkpoint_step(find_resume(run, "latest"))
         if done < recipe.train.steps:
             result = pretrain(recipe, run, resume="latest")
         else:

@@ -288,7 +288,7 @@ def probe(
 
 
 def run_fewshot(
-    checkpoint: str,
+    backbone: Backbone,
     datasets: Sequence[str],
     shots: Sequence[int] = (1, 5, 10, 25),
     seeds: int = 3,
@@ -297,16 +297,13 @@ def run_fewshot(
     cache_dir: str | Path = "~/.cache/vmoe",
     batch_size: int = 256,
     device: str | None = None,
-    routing: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
-    backbone: Backbone | None = None,
 ) -> dict[str, Any]:
-    """Probe every dataset with the frozen backbone of `checkpoint`; per dataset its rows and timings."""
+    """Probe every dataset with a frozen backbone (`load_backbone`); per dataset its rows and timings."""
     if not shots or min(shots) < 1 or seeds < 1:
         raise VmoeError("--shots must be positive integers and --seeds at least 1")
     cache_dir = Path(cache_dir).expanduser()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = backbone or load_backbone(checkpoint, **(routing or {}))
     results: dict[str, Any] = {"checkpoint": backbone.name, "probe": kind, "shots": list(shots), "seeds": seeds}
     results["l2"] = "grid" if l2 is None else l2
     results["datasets"] = {}

@@ -26,7 +26,7 @@ import torch
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
 from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import build_loader, read_manifest
+from vmoe_cli.data.loader import Loader, build_loader, read_manifest
 from vmoe_cli.data.shard import eval_shards, file_sha256
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.fewshot import model_backbone, run_fewshot
@@ -130,8 +130,7 @@ def sweep(
         if options.fewshot_shots and "fewshot_top1" not in result:
             _set_routing(model, p)
             backbone = model_backbone(model, str(checkpoint), weights_sha, recipe_data)
-            fs = run_fewshot(str(checkpoint), [data], [options.fewshot_shots], 3, cache_dir=cache_dir,
-                             device=options.device, backbone=backbone)  # fmt: skip
+            fs = run_fewshot(backbone, [data], [options.fewshot_shots], 3, cache_dir=cache_dir, device=options.device)
             result["fewshot_top1"] = fs["datasets"][data]["summary"][options.fewshot_shots]["mean"]
             save(force=True)
         if progress is not None:
@@ -182,12 +181,8 @@ def _accuracy_pass(
     progress: ProgressFn | None,
 ) -> None:
     """One pass over the split: dense prefix once per batch, then the MoE part for every grid point."""
-    cfg = model.cfg
-    first_moe = min(cfg.moe_layers())
-    loader = build_loader(
-        shard_dir, options.split, batch_size=options.batch_size, image_size=cfg.image_size,
-        channels=cfg.channels, train=False, mean=data.mean, std=data.std, start_batch=state["batches_done"],
-    )  # fmt: skip
+    first_moe = min(model.cfg.moe_layers())
+    loader = _split_loader(shard_dir, options.split, options.batch_size, model, data, state["batches_done"])
     state["batches"] = loader.steps
     for images, labels in loader:
         images, labels = images.to(options.device), labels.to(options.device)
@@ -240,11 +235,7 @@ def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, im
     """The dense twin's point: plain top-1, GFLOPs and timing."""
     ckpt = resolve_checkpoint(checkpoint, "--baseline")
     model = load_model(ckpt).to(options.device)
-    data = load_recipe_of(ckpt).data or DataConfig()
-    loader = build_loader(
-        shard_dir, options.split, batch_size=options.batch_size, image_size=model.cfg.image_size,
-        channels=model.cfg.channels, train=False, mean=data.mean, std=data.std,
-    )  # fmt: skip
+    loader = _split_loader(shard_dir, options.split, options.batch_size, model, load_recipe_of(ckpt).data)
     correct = total = 0
     with torch.inference_mode():
         for x, y in loader:
@@ -261,11 +252,19 @@ def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, im
 
 def _first_batch(shard_dir: Path, options: SweepOptions, model: VisionTransformer, data: DataConfig) -> torch.Tensor:
     """The first `throughput_batch` images of the split, as the model sees them: the timed input."""
-    loader = build_loader(
-        shard_dir, options.split, batch_size=options.throughput_batch, image_size=model.cfg.image_size,
-        channels=model.cfg.channels, train=False, mean=data.mean, std=data.std,
-    )  # fmt: skip
+    loader = _split_loader(shard_dir, options.split, options.throughput_batch, model, data)
     return next(iter(loader))[0].to(options.device)
+
+
+def _split_loader(
+    shard_dir: Path, split: str, batch_size: int, model: VisionTransformer, data: DataConfig | None, start: int = 0
+) -> Loader:
+    """Evaluation batches of `split` sized and normalised for `model` (`data`: its recipe's data section)."""
+    data = data or DataConfig()
+    return build_loader(
+        shard_dir, split, batch_size=batch_size, image_size=model.cfg.image_size, channels=model.cfg.channels,
+        train=False, mean=data.mean, std=data.std, start_batch=start,
+    )  # fmt: skip
 
 
 def _set_routing(model: VisionTransformer, p: GridPoint) -> None:
@@ -281,8 +280,10 @@ def _load_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
             state = {}
         if state.get("identity") == identity:
             return state
-    empty = {"correct": 0, "total": 0, "dropped_all": {}, "dropped_any": {}, "expert_load": {}}
-    points = {name: json.loads(json.dumps(empty)) for name in identity["points"]}
+    points = {
+        name: {"correct": 0, "total": 0, "dropped_all": {}, "dropped_any": {}, "expert_load": {}}
+        for name in identity["points"]
+    }
     return {"identity": identity, "batches_done": 0, "points": points}
 
 

@@ -259,10 +259,12 @@ class SinkhornRouter(LinearRouter):
             C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
             plan = expert_choice_plan(plan_GSE, C)
             plan.weight_GSK = gates_GSE
+            placed_GE = plan.kept_GSK.sum(dim=1)  # choice e of every token is expert e
         else:
             C = capacity(S * cfg.k, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
-            plan, _ = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
+            plan, seen_GE = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
             plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
+            placed_GE = seen_GE.clamp(max=C)
         with torch.no_grad():
             kept_GSK = plan.kept_GSK
             metrics = {"dropped_all": (~kept_GSK).all(dim=-1).float().mean()}
@@ -271,7 +273,6 @@ class SinkhornRouter(LinearRouter):
                 if cfg.router != "sinkhorn_expert_choice"
                 else metrics["dropped_all"]
             )
-            placed_GE = F.one_hot(plan.expert_GSK, E).mul(kept_GSK.unsqueeze(-1)).sum(dim=(1, 2))
             metrics.update(_load_metrics(placed_GE, C))
         return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics)
 
