@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmoe_cli.models.config import MoEConfig
-from vmoe_cli.models.moe import MoEMlp, group_images
+from vmoe_cli.models.moe import MoEMlp
 from vmoe_cli.models.routing import capacity
 from vmoe_cli.models.vit import Mlp
 
@@ -48,7 +48,7 @@ class EinsumMoE(nn.Module):
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
         B, N, D = x_BND.shape
-        x_GSD = x_BND.reshape(B // group_images(B, self.moe.cfg.group_images), -1, D)
+        x_GSD = x_BND.reshape(-1, self.moe.cfg.group_tokens(B, N), D)
         routing = self.moe.router(x_GSD)
         plan = routing.plan
         E, C = plan.num_experts, plan.capacity

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from vmoe_cli.config import load_recipe
 from vmoe_cli.eval.flops import flops_per_image
 from vmoe_cli.models.config import ModelConfig
-from vmoe_cli.models.moe import group_images
 from vmoe_cli.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +89,8 @@ def main() -> None:
     steps = {name: train_step_fn(cfg, args.batch, args.device) for name, cfg in names.items()}
     times = time_steps(steps, args.warmup, args.rounds, args.block)
 
-    per_group = group_images(args.batch, moe.moe.group_images)
-    flops = {"V-MoE": flops_per_image(moe, per_group), "dense": flops_per_image(dense)}
+    per_group = moe.moe.group_tokens(args.batch, moe.tokens_per_image) // moe.tokens_per_image
+    flops = {"V-MoE": flops_per_image(moe, args.batch), "dense": flops_per_image(dense)}
     depth, width, hidden, _, patch = moe.sizes()
     print(
         f"{args.recipe}: {depth} blocks, width {width}, MLP {hidden}, MoE blocks {moe.moe_layers()}, "

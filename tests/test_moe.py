@@ -6,7 +6,7 @@ from reference import einsum_moe
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vmoe_cli.models.config import MoEConfig
-from vmoe_cli.models.moe import MoEMlp, group_images
+from vmoe_cli.models.moe import MoEMlp
 
 
 def make_block(seed=0, **moe):
@@ -79,12 +79,26 @@ def test_identical_and_independent_expert_init():
     assert not torch.equal(different.w1[0], different.w1[1])
 
 
-def test_group_images_is_largest_divisor():
-    assert group_images(64, 8) == 8
-    assert group_images(12, 8) == 6
-    assert group_images(7, 8) == 7
-    assert group_images(13, 8) == 1
-    assert group_images(3, 8) == 3
+def test_group_tokens():
+    per_image = MoEConfig(group_images=8)  # whole images: the largest divisor of the batch not above 8
+    assert [per_image.group_tokens(b, 5) // 5 for b in (64, 12, 7, 13, 3)] == [8, 6, 7, 1, 3]
+    assert per_image.group_tokens(None, 5) == 40
+    in_tokens = MoEConfig(group_size=6)  # the official reshape(-1, group_size): groups straddle images
+    assert in_tokens.group_tokens(4, 3) == 6  # 12 tokens, 2 groups
+    assert in_tokens.group_tokens(3, 5) == 5  # 15 tokens: falls back to whole images (6 // 5 = 1 image)
+    assert in_tokens.group_tokens(None, 5) == 6
+
+
+def test_group_size_in_tokens_routes_consecutive_tokens():
+    cfg = MoEConfig(num_experts=4, k=2, capacity_factor=1.0, group_size=6, expert_init="independent")
+    block = MoEMlp(8, 16, cfg).eval()
+    x_BND = torch.randn(4, 3, 8)  # 12 tokens -> groups of tokens 0-5 and 6-11, across images 0-1 and 2-3
+    y = block(x_BND).y
+    flat = x_BND.reshape(2, 6, 8)
+    for g in range(2):
+        alone = MoEMlp(8, 16, cfg).eval()
+        alone.load_state_dict(block.state_dict())
+        assert torch.allclose(alone(flat[g : g + 1]).y.reshape(6, 8), y.reshape(12, 8)[6 * g : 6 * g + 6], atol=1e-6)
 
 
 class LargestTensor(TorchDispatchMode):

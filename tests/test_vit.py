@@ -8,7 +8,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.flops import flops_per_image, model_card, parameter_counts
 from vmoe_cli.models.config import ModelConfig, MoEConfig, moe_layer_indices
-from vmoe_cli.models.moe import group_images
 from vmoe_cli.models.presets import SIZES
 from vmoe_cli.models.vit import VisionTransformer, resize_pos_embed
 
@@ -60,8 +59,7 @@ def test_analytic_flops_match_flop_counter(name):
     batch = 12
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA is counted
         model(torch.randn(batch, 1, 8, 8))
-    group = group_images(batch, cfg.moe.group_images) if cfg.moe else None  # 12 images: groups of 6 or 3
-    assert counter.get_total_flops() == pytest.approx(batch * flops_per_image(cfg, group), rel=1e-12)
+    assert counter.get_total_flops() == pytest.approx(batch * flops_per_image(cfg, batch), rel=1e-12)
 
 
 def test_parameter_counts():

@@ -57,6 +57,7 @@ def main() -> None:
       vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
       vmoe fewshot --checkpoint runs/digits-vmoe shards/digits
       vmoe sweep-capacity shards/digits --checkpoint runs/digits-vmoe --baseline runs/digits-vit
+      vmoe convert-jax vmoe_s32_last2_ilsvrc2012_randaug_light1 --out runs/vmoe-s32-jax
       vmoe quickstart
     """
 
@@ -72,12 +73,17 @@ def model_info(recipe: Path, overrides: tuple[str, ...]) -> None:
     from vmoe_cli.eval.flops import model_card  # imported here so `vmoe --help` does not load torch
 
     cfg = load_recipe(recipe, overrides)
-    table = Table(title=recipe.name, caption=cfg.description or None)
+    _console().print(_card_table(recipe.name, model_card(cfg.model), cfg.description))
+
+
+def _card_table(title: str, card: dict[str, object], caption: str = "") -> Table:
+    """A property / value table (model cards, conversion summaries)."""
+    table = Table(title=title, caption=caption or None)
     table.add_column("property")
     table.add_column("value", justify="right")
-    for label, value in model_card(cfg.model).items():
+    for label, value in card.items():
         table.add_row(Text(label), Text(_format(value)))  # Text: no rich markup in values
-    _console().print(table)
+    return table
 
 
 @main.command("shard")
@@ -411,6 +417,51 @@ def sweep_table(results: dict) -> Table:
         cells = ["dense", "", "", f"{100 * base['top1']:.2f}", "", "", f"{base['gflops']:.3g}"]
         table.add_row(*cells, f"{base['images_per_s']:,.0f}", f"{base['latency_ms']:.1f}", *([""] if fewshot else []))
     return table
+
+
+@main.command("convert-jax")
+@click.argument("prefix")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Run directory written.")
+@click.option("--preset", default="vmoe-paper", show_default=True,
+              help="Routing the weights cannot tell: vmoe-paper (K=2, cf 1.05, 8-image groups, bf16 dispatch) or "
+                   "vmoe-finetune (cf 1.5).")  # fmt: skip
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--check", type=click.Path(path_type=Path),
+              help="Official outputs file (npz) to compare with, per setting and tensor, before writing.")  # fmt: skip
+def convert_jax_command(
+    prefix: str, out_dir: Path, preset: str, overrides: tuple[str, ...], check: Path | None
+) -> None:
+    """Convert an official JAX V-MoE checkpoint (PREFIX.index + PREFIX.data-*) into a vmoe checkpoint.
+
+    The architecture comes from the arrays' shapes; routing from --preset and --set. The result
+    runs through fewshot, sweep-capacity and finetune like any vmoe run directory.
+
+    \b
+    Example:
+      vmoe convert-jax vmoe_s32_last2_ilsvrc2012_randaug_light1 --out runs/vmoe-s32-jax
+    """
+    from vmoe_cli.convert.fidelity import SETTING, TOLERANCE
+    from vmoe_cli.convert.jax_to_vmoe import convert_jax
+    from vmoe_cli.eval.flops import model_card
+
+    result = convert_jax(prefix, out_dir, preset, overrides, check)
+    card = {"official index version": result.version or "unversioned (before 2022-06-22)",
+            "official arrays": result.arrays, **model_card(result.recipe.model)}  # fmt: skip
+    _console().print(_card_table(f"{prefix} -> {result.checkpoint}", card))
+    if result.fidelity:
+        settings = list(result.fidelity)
+        table = Table(
+            title=f"max |vmoe - official| per tensor ({check})",
+            caption=f"tolerance: float32 dispatch {TOLERANCE['f32']:g}, bfloat16 {TOLERANCE['bf16']:g}",
+        )
+        table.add_column("tensor", no_wrap=True)
+        for setting in settings:
+            m = SETTING.match(setting)
+            table.add_column(f"cf {m['cf']}\nBPR {m['bpr']}\n{m['disp']}", justify="right")
+        for tensor in sorted({t for diffs in result.fidelity.values() for t in diffs}):
+            table.add_row(tensor, *(f"{result.fidelity[s].get(tensor, float('nan')):.1e}" for s in settings))
+        _console().print(table)  # fmt: skip
+    click.echo(f"wrote {result.checkpoint} ({result.parameters:,} parameters)")
 
 
 @contextlib.contextmanager

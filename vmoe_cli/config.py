@@ -114,7 +114,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 
     Raises VmoeError with one line naming the file for every user mistake.
     """
-    data = _read_yaml(path)
+    return recipe_from_dict(_read_yaml(path), overrides, str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source: str = "recipe") -> Recipe:
+    """Build and validate a recipe from its nested dict after `dotted.key=value` overrides (`data` is changed).
+
+    Every user mistake is one VmoeError line starting with `source`.
+    """
     for override in overrides:
         _apply_override(data, override)
     try:
@@ -125,7 +132,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         if recipe.train is not None:
             recipe.train.validate()
     except VmoeError as e:
-        raise VmoeError(f"{path}: {e}") from None
+        raise VmoeError(f"{source}: {e}") from None
     return recipe
 
 

@@ -19,6 +19,7 @@ The probe, per dataset, seed and shot count:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -101,7 +102,7 @@ def load_backbone(
 def model_backbone(model: VisionTransformer, name: str, weights_sha256: str, data: DataConfig | None) -> Backbone:
     """The Backbone of a loaded model as it is routed now; `data` (the recipe's) gives the normalisation."""
     moe = model.cfg.moe
-    settings = None if moe is None else [moe.k, moe.capacity_factor, moe.capacity, moe.bpr, moe.group_images]
+    settings = None if moe is None else dataclasses.asdict(moe)  # any routing change means other features
     key = hashlib.sha256(json.dumps([weights_sha256, settings]).encode()).hexdigest()
     data = data or DataConfig()
     cfg = model.cfg

@@ -15,16 +15,16 @@ from vmoe_cli.models.routing import capacity
 from vmoe_cli.models.vit import VisionTransformer
 
 
-def moe_capacity(cfg: ModelConfig, images_per_group: int | None = None) -> int:
-    """C per expert per group for groups of `images_per_group` images (default: the recipe's)."""
+def moe_capacity(cfg: ModelConfig, batch: int | None = None) -> int:
+    """C per expert per group for the groups a batch of `batch` images is cut into (default: the recipe's)."""
     moe = cfg.moe
-    group_tokens = (images_per_group or moe.group_images) * cfg.tokens_per_image
+    group_tokens = moe.group_tokens(batch, cfg.tokens_per_image)
     to_place = group_tokens * moe.k if moe.is_token_choice else group_tokens  # expert choice: once each
     return capacity(to_place, moe.num_experts, moe.capacity_factor, moe.capacity, moe.capacity_multiple)
 
 
-def flops_per_image(cfg: ModelConfig, images_per_group: int | None = None) -> float:
-    """Matmul FLOPs of one forward pass per image (groups of `images_per_group` images).
+def flops_per_image(cfg: ModelConfig, batch: int | None = None) -> float:
+    """Matmul FLOPs of one forward pass per image, in a batch of `batch` images (for its routing groups).
 
     A fraction where a group's E*C slots do not split evenly over its images.
     """
@@ -41,8 +41,8 @@ def flops_per_image(cfg: ModelConfig, images_per_group: int | None = None) -> fl
             total += 3 * 2 * N * slots * D  # logits, dispatch mixtures, combine mixtures
             total += slots * 2 * 2 * D * H  # experts over every slot
         elif i in moe_layers:
-            images = images_per_group or cfg.moe.group_images
-            slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, images) / images
+            images = cfg.moe.group_tokens(batch, N) / N  # a fraction when groups straddle images
+            slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, batch) / images
             total += 2 * N * D * cfg.moe.num_experts  # router
             total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot
             choices = cfg.moe.k if cfg.moe.is_token_choice else cfg.moe.num_experts  # expert choice: E
@@ -102,6 +102,8 @@ def model_card(cfg: ModelConfig) -> dict[str, object]:
         return card
     card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}" if moe.is_token_choice else moe.num_experts
     card["capacity per expert per group C"] = moe_capacity(cfg)
-    card["group size"] = f"{moe.group_images} images = {moe.group_images * cfg.tokens_per_image} tokens"
+    group = moe.group_tokens(None, cfg.tokens_per_image)
+    card["group size"] = f"{group} tokens = {group / cfg.tokens_per_image:g} images"
+    card["dispatch"] = "bfloat16" if moe.bfloat16_dispatch else "model precision"
     card["batch priority routing"] = "on" if moe.bpr else "off"
     return card

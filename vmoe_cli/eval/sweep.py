@@ -31,7 +31,6 @@ from vmoe_cli.data.shard import eval_shards, file_sha256
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.fewshot import model_backbone, run_fewshot
 from vmoe_cli.eval.flops import flops_per_image
-from vmoe_cli.models.moe import group_images
 from vmoe_cli.models.vit import VisionTransformer
 
 STATE = "sweep-state.json"
@@ -61,7 +60,7 @@ class SweepOptions:
     """What the sweep measures and how."""
 
     split: str = "test"  # evaluated split
-    batch_size: int = 256  # images per evaluation batch (routing groups as the checkpoint's group_images)
+    batch_size: int = 256  # images per evaluation batch (routing groups as the checkpoint's)
     throughput_batch: int = 64  # images per timed forward pass
     repeats: int = 5  # timed passes per grid point (median), after `warmup`
     warmup: int = 2
@@ -163,7 +162,7 @@ def _row(model: VisionTransformer, p: GridPoint, r: dict[str, Any], trained_k: i
         "dropped_any": statistics.fmean(dropped_any.values()),
         "dropped_all_per_layer": dropped_all, "dropped_any_per_layer": dropped_any,
         "expert_load_per_layer": {layer: [v / n for v in load] for layer, load in r["expert_load"].items()},
-        "gflops": flops_per_image(model.cfg, group_images(batch_size, model.cfg.moe.group_images)) / 1e9,
+        "gflops": flops_per_image(model.cfg, batch_size) / 1e9,
         "images_per_s": r["images_per_s"], "latency_ms": r["latency_ms"],
         "fewshot_top1": r.get("fewshot_top1"),
     }  # fmt: skip

@@ -30,6 +30,10 @@ class MoEConfig:
     capacity: int | None = None  # fixed C per expert per group, instead of cf
     capacity_multiple: int = 4  # C rounded up to a multiple of this (1 = no rounding)
     group_images: int = 8  # images per routing group (all their tokens, CLS included)
+    group_size: int | None = None  # tokens per routing group instead (official `group_size`: 8 x tokens per
+    #   image); groups may then straddle images. Batches whose tokens it does not divide get whole-image groups
+    bfloat16_dispatch: bool = False  # round tokens to bfloat16 before the experts and their outputs before the
+    #   combine, as the official dispatcher (`bfloat16: True`) does
     bpr: bool = False  # Batch Priority Routing: place tokens by descending top-1 gate
     noise_std: float = 1.0  # training noise on router logits has std noise_std / E; none at evaluation
     expert_init: Literal["identical", "independent"] = "identical"  # paper: every expert starts the same
@@ -43,6 +47,23 @@ class MoEConfig:
     def is_token_choice(self) -> bool:
         """Tokens pick K experts (softmax or Sinkhorn); otherwise experts pick tokens, or Soft MoE mixes them."""
         return self.router in ("token_choice", "sinkhorn_token_choice")
+
+    def group_tokens(self, batch: int | None, tokens_per_image: int) -> int:
+        """Tokens S per routing group for a batch of `batch` images of `tokens_per_image` tokens (None: a batch
+        that divides evenly).
+
+        `group_size` when it divides the batch's tokens; otherwise all tokens of the largest number of images
+        that divides `batch` and is not above `group_images` (or group_size // tokens_per_image). Groups must be
+        equal so that every group gets the same capacity; a batch that does not divide (the last evaluation
+        batch, a latency run of 1 image) gets smaller groups.
+        """
+        most = self.group_images if self.group_size is None else max(1, self.group_size // tokens_per_image)
+        if batch is None:
+            return self.group_size or most * tokens_per_image
+        if self.group_size is not None and (batch * tokens_per_image) % self.group_size == 0:
+            return self.group_size
+        images = next(g for g in range(min(batch, most), 0, -1) if batch % g == 0)
+        return images * tokens_per_image
 
     def soft_slots(self, tokens: int) -> int:
         """Soft MoE slots per expert for `tokens` per image: the fixed `capacity`, or round(tokens * cf / E)."""
@@ -66,6 +87,8 @@ class MoEConfig:
             raise VmoeError("model.moe.capacity_multiple must be >= 1 (1 turns rounding off)")
         if self.group_images < 1:
             raise VmoeError("model.moe.group_images must be >= 1")
+        if self.group_size is not None and self.group_size < 1:
+            raise VmoeError(f"model.moe.group_size must be >= 1 tokens (or null), got {self.group_size}")
         moe_layer_indices(self.layers, depth)
 
 

@@ -22,15 +22,6 @@ from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.routing import Plan, RouterOutput, make_router
 
 
-def group_images(batch: int, max_images: int) -> int:
-    """Images per routing group: the largest divisor of `batch` not above `max_images`.
-
-    Groups must be equal so that every group gets the same capacity; a batch that does
-    not divide (the last evaluation batch, a latency run of 1 image) gets smaller groups.
-    """
-    return next(g for g in range(min(batch, max_images), 0, -1) if batch % g == 0)
-
-
 def buffer_rows(plan: Plan) -> Tensor:
     """Flat row of each assignment in the `[E, G, C]` buffers; dropped ones get row E*G*C.  [G, S, K]"""
     G = plan.expert_GSK.shape[0]
@@ -112,11 +103,14 @@ class MoEMlp(nn.Module):
 
     def forward(self, x_BND: Tensor) -> MoEOutput:
         B, N, D = x_BND.shape
-        G = B // group_images(B, self.cfg.group_images)
-        x_GSD = x_BND.reshape(G, -1, D)  # each group: all tokens of consecutive images
+        x_GSD = x_BND.reshape(-1, self.cfg.group_tokens(B, N), D)  # each group: consecutive tokens of the batch
         routing = self.router(x_GSD)
         row_GSK = buffer_rows(routing.plan)
+        if self.cfg.bfloat16_dispatch:  # as the official Bfloat16Dispatcher: only the data moved is rounded
+            x_GSD = x_GSD.to(torch.bfloat16).to(x_GSD.dtype)
         out_ECD = self.experts(dispatch(x_GSD, routing.plan, row_GSK))
+        if self.cfg.bfloat16_dispatch:
+            out_ECD = out_ECD.to(torch.bfloat16).to(x_GSD.dtype)
         y_GSD = combine(out_ECD, routing.plan, row_GSK)
         return MoEOutput(y=y_GSD.reshape(B, N, D), routing=routing)
 

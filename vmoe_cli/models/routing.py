@@ -64,6 +64,7 @@ class RouterOutput:
     plan: Plan | None  # None for Soft MoE, which mixes tokens instead of placing them
     aux_loss: Tensor  # scalar, already weighted, to add to the task loss
     metrics: dict[str, Tensor]  # detached scalars or [E] vectors, for logging
+    logits_GSE: Tensor | None = None  # float32 router logits the choice was made on (noisy in training)
 
 
 def importance_loss(gates_GSE: Tensor) -> Tensor:
@@ -189,7 +190,7 @@ class ExpertChoiceRouter(LinearRouter):
             }
             metrics["dropped_all"] = metrics["dropped_any"] = metrics["tokens_0_experts"]  # no K to miss
             metrics.update(_load_metrics(plan.kept_GSK.sum(dim=1), C))
-        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics)
+        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics, logits_GSE=logits_GSE)
 
 
 class TokenChoiceRouter(LinearRouter):
@@ -225,7 +226,7 @@ class TokenChoiceRouter(LinearRouter):
             metrics["dropped_all"] = dropped_GSK.all(dim=-1).float().mean()
             metrics["dropped_any"] = dropped_GSK.any(dim=-1).float().mean()
             metrics.update(_load_metrics(seen_GE.clamp(max=C), C))
-        return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics)
+        return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics, logits_GSE=noisy_logits_GSE)
 
 
 def sinkhorn_plan(logits_GSE: Tensor, iterations: int = 20) -> Tensor:
@@ -274,7 +275,7 @@ class SinkhornRouter(LinearRouter):
                 else metrics["dropped_all"]
             )
             metrics.update(_load_metrics(placed_GE, C))
-        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics)
+        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics, logits_GSE=logits_GSE)
 
 
 def make_router(dim: int, cfg: MoEConfig) -> nn.Module:

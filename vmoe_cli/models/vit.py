@@ -16,6 +16,10 @@ from vmoe_cli.models.config import ModelConfig
 from vmoe_cli.models.moe import MoEMlp, SoftMoEMlp
 from vmoe_cli.models.routing import RouterOutput
 
+# MoEConfig fields that may change after training (set_routing)
+ROUTING_SETTINGS = ("k", "capacity_factor", "capacity", "capacity_multiple", "group_images", "group_size", "bpr",
+                    "bfloat16_dispatch")  # fmt: skip
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection."""
@@ -154,7 +158,7 @@ class VisionTransformer(nn.Module):
         return self.head_from_tokens(x_BND, aux_loss, routing)
 
     def set_routing(self, **changes: object) -> None:
-        """Change K, capacity factor / capacity, rounding, group size or BPR in place, weights untouched.
+        """Change K, capacity, rounding, group size, BPR or dispatch precision in place, weights untouched.
 
         All MoE blocks share `cfg.moe`, so one change reaches every router.
         """
@@ -162,7 +166,7 @@ class VisionTransformer(nn.Module):
         if moe is None:
             raise ValueError("set_routing needs a V-MoE; this model is dense")
         for name, value in changes.items():
-            if name not in ("k", "capacity_factor", "capacity", "capacity_multiple", "group_images", "bpr"):
+            if name not in ROUTING_SETTINGS:
                 raise ValueError(f"{name} is not an inference-time routing setting")
             setattr(moe, name, value)
         self.cfg.validate()
