@@ -121,7 +121,8 @@ def compare_outputs(model: VisionTransformer, outputs: str | Path) -> dict[str, 
                     raise VmoeError(f"{outputs}: {name} has no vmoe counterpart")
                 want, got = official[name].astype(np.float64), ours[tensor].astype(np.float64)
                 if want.shape != got.shape:
-                    raise VmoeError(f"{outputs}: {name} has shape {want.shape}, vmoe gives {got.shape}")
+                    hint = " (routing groups or capacity differ: check model.moe.group_size)" if got.ndim == 4 else ""
+                    raise VmoeError(f"{outputs}: {name} has shape {want.shape}, vmoe gives {got.shape}{hint}")
                 table[setting][tensor] = float(np.abs(want - got).max()) if want.size else 0.0
     finally:
         cf, fixed, bpr, bf16 = before
