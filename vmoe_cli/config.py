@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,9 @@ def recipe_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source
         _apply_override(data, override)
     try:
         recipe = from_dict(Recipe, data)
+        moe = recipe.model.moe
+        if moe is not None and isinstance(moe.superclasses, str):  # the resolved recipe carries the list itself
+            moe.superclasses = read_superclasses(moe.superclasses, recipe.model.num_classes, moe.num_experts)
         recipe.model.validate()
         if recipe.data is not None:
             recipe.data.augment.validate()
@@ -139,6 +143,26 @@ def recipe_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """Plain nested dict of a recipe (what `dump_recipe` writes and `load_recipe` reads back)."""
     return dataclasses.asdict(recipe)
+
+
+def read_superclasses(path: str | Path, num_classes: int, experts: int) -> list[int]:
+    """`class_to_group` of a `vmoe superclasses` file, checked against the model's classes and experts."""
+    try:
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))["class_to_group"]
+    except FileNotFoundError:
+        raise VmoeError(f"model.moe.superclasses: no such file {path} (write it with `vmoe superclasses`)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        mapping = None
+    if not isinstance(mapping, list) or not all(isinstance(g, int) for g in mapping):
+        raise VmoeError(f"model.moe.superclasses: {path} is not a `vmoe superclasses` file (no class_to_group list)")
+    if len(mapping) != num_classes:
+        raise VmoeError(f"model.moe.superclasses: {path} maps {len(mapping)} classes, the model has {num_classes}")
+    if sorted(set(mapping)) != list(range(experts)):
+        raise VmoeError(
+            f"model.moe.superclasses: {path} has groups {sorted(set(mapping))}, not one per expert 0..{experts - 1}; "
+            f"rerun `vmoe superclasses --experts {experts}`"
+        )
+    return mapping
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -20,10 +20,12 @@ class MoEConfig:
     # "every-N" (blocks N-1, 2N-1, ...), "last-N" (the last N odd blocks) or a list of 0-based blocks
     layers: str | list[int] = "every-2"
     # tokens pick K experts; experts pick C tokens; Soft MoE (each expert's slots are softmax mixtures of one
-    # image's tokens, C = slots); or either choice made on a Sinkhorn transport plan (combine: softmax gates)
-    router: Literal["token_choice", "expert_choice", "soft", "sinkhorn_token_choice", "sinkhorn_expert_choice"] = (
-        "token_choice"
-    )
+    # image's tokens, C = slots); either choice made on a Sinkhorn transport plan (combine: softmax gates); or
+    # per image (Mobile V-MoE): one top-K decision per image from its mean token before the first MoE block,
+    # reused by every MoE block
+    router: Literal[
+        "token_choice", "expert_choice", "soft", "sinkhorn_token_choice", "sinkhorn_expert_choice", "per_image"
+    ] = "token_choice"
     num_experts: int = 8  # E
     k: int = 2  # experts selected per token
     capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`
@@ -42,11 +44,16 @@ class MoEConfig:
     load_weight: float = 0.005  # load auxiliary loss (only when noise is on)
     gshard_weight: float = 0.0  # GShard load-balancing loss
     zloss_weight: float = 0.0  # ST-MoE router z-loss
+    # per_image only: the super-class (0..E-1) of each class, or the path of a `vmoe superclasses` JSON file,
+    # read when the recipe is loaded; the image router then learns to predict the image's super-class
+    superclasses: str | list[int] | None = None
+    superclass_weight: float = 0.3  # weight of that cross-entropy guidance loss
 
     @property
     def is_token_choice(self) -> bool:
-        """Tokens pick K experts (softmax or Sinkhorn); otherwise experts pick tokens, or Soft MoE mixes them."""
-        return self.router in ("token_choice", "sinkhorn_token_choice")
+        """Every token has K choices (its own, softmax or Sinkhorn, or its image's); otherwise experts pick
+        tokens, or Soft MoE mixes them."""
+        return self.router in ("token_choice", "sinkhorn_token_choice", "per_image")
 
     def group_tokens(self, batch: int | None, tokens_per_image: int) -> int:
         """Tokens S per routing group for a batch of `batch` images of `tokens_per_image` tokens (None: a batch
@@ -90,6 +97,10 @@ class MoEConfig:
         if self.group_size is not None and self.group_size < 1:
             raise VmoeError(f"model.moe.group_size must be >= 1 tokens (or null), got {self.group_size}")
         moe_layer_indices(self.layers, depth)
+        if self.superclasses is not None and self.router != "per_image":
+            raise VmoeError("model.moe.superclasses guides the per-image router: set model.moe.router=per_image")
+        if isinstance(self.superclasses, list) and any(not 0 <= g < self.num_experts for g in self.superclasses):
+            raise VmoeError(f"model.moe.superclasses must be super-classes 0..{self.num_experts - 1} (one per expert)")
 
 
 @dataclass

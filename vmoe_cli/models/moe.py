@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmoe_cli.models.config import MoEConfig
-from vmoe_cli.models.routing import Plan, RouterOutput, make_router
+from vmoe_cli.models.routing import Plan, RouterOutput, make_router, route_images
 
 
 def buffer_rows(plan: Plan) -> Tensor:
@@ -101,10 +101,12 @@ class MoEMlp(nn.Module):
         self.router = make_router(dim, cfg)
         self.experts = Experts(cfg.num_experts, dim, hidden, gelu, cfg.expert_dropout, cfg.expert_init)
 
-    def forward(self, x_BND: Tensor) -> MoEOutput:
+    def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> MoEOutput:
+        """`image_logits_BE`: the model's per-image router logits, when routing is per image."""
         B, N, D = x_BND.shape
-        x_GSD = x_BND.reshape(-1, self.cfg.group_tokens(B, N), D)  # each group: consecutive tokens of the batch
-        routing = self.router(x_GSD)
+        S = self.cfg.group_tokens(B, N)
+        x_GSD = x_BND.reshape(-1, S, D)  # each group: consecutive tokens of the batch
+        routing = self.router(x_GSD) if self.router is not None else route_images(image_logits_BE, N, S, self.cfg)
         row_GSK = buffer_rows(routing.plan)
         if self.cfg.bfloat16_dispatch:  # as the official Bfloat16Dispatcher: only the data moved is rounded
             x_GSD = x_GSD.to(torch.bfloat16).to(x_GSD.dtype)

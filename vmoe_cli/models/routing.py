@@ -278,7 +278,41 @@ class SinkhornRouter(LinearRouter):
         return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics, logits_GSE=logits_GSE)
 
 
-def make_router(dim: int, cfg: MoEConfig) -> nn.Module:
-    """The router `cfg.router` names (Soft MoE is a block of its own: models/moe.py)."""
+class PerImageRouter(LinearRouter):
+    """Mobile V-MoE's router (Daxberger et al. 2023): logits `[B, E]` from each image's mean token, computed once
+    before the first MoE block and reused by all of them; the importance loss keeps images spread over experts."""
+
+    def forward(self, x_BND: Tensor) -> tuple[Tensor, Tensor]:
+        logits_BE = self.noisy_logits(x_BND.mean(dim=1, keepdim=True)).squeeze(1)  # [B, 1, E] -> [B, E]
+        aux = self.cfg.importance_weight * importance_loss(logits_BE.softmax(dim=-1).unsqueeze(0))
+        return logits_BE, aux
+
+
+def route_images(logits_BE: Tensor, tokens_per_image: int, group_tokens: int, cfg: MoEConfig) -> RouterOutput:
+    """One MoE block's plan under per-image routing: every token takes its image's top-K experts and gates.
+
+    Slots are handed out as token choice does (all first choices before any second; BPR by the image's top-1
+    gate, a stable sort, so an image's tokens stay together), so a full expert drops whole images' tokens.
+    The aux loss is the image router's, counted once by the model.
+    """
+    E, K = cfg.num_experts, cfg.k
+    gates_GSE = logits_BE.softmax(dim=-1).repeat_interleave(tokens_per_image, dim=0).view(-1, group_tokens, E)
+    C = capacity(group_tokens * K, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+    plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
+    with torch.no_grad():
+        dropped_GSK = ~plan.kept_GSK
+        metrics = {
+            "dropped_all": dropped_GSK.all(dim=-1).float().mean(),
+            "dropped_any": dropped_GSK.any(dim=-1).float().mean(),
+            **_load_metrics(seen_GE.clamp(max=C), C),
+        }
+    return RouterOutput(plan=plan, aux_loss=logits_BE.new_zeros(()), metrics=metrics, logits_GSE=logits_BE[None])
+
+
+def make_router(dim: int, cfg: MoEConfig) -> nn.Module | None:
+    """The router `cfg.router` names (Soft MoE is a block of its own: models/moe.py); None for per-image routing,
+    whose one router belongs to the model (models/vit.py)."""
+    if cfg.router == "per_image":
+        return None
     routers = {"token_choice": TokenChoiceRouter, "expert_choice": ExpertChoiceRouter}
     return routers.get(cfg.router, SinkhornRouter)(dim, cfg)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from vmoe_cli.models.config import ModelConfig
 from vmoe_cli.models.moe import MoEMlp, SoftMoEMlp
-from vmoe_cli.models.routing import RouterOutput
+from vmoe_cli.models.routing import PerImageRouter, RouterOutput
 
 # MoEConfig fields that may change after training (set_routing)
 ROUTING_SETTINGS = ("k", "capacity_factor", "capacity", "capacity_multiple", "group_images", "group_size", "bpr",
@@ -70,10 +70,13 @@ class Block(nn.Module):
         else:
             self.mlp = MoEMlp(dim, hidden, cfg.moe, cfg.gelu)
 
-    def forward(self, x_BND: Tensor) -> tuple[Tensor, RouterOutput | None]:
+    def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
         x_BND = x_BND + self.attn(self.norm1(x_BND))
+        if isinstance(self.mlp, MoEMlp):
+            out = self.mlp(self.norm2(x_BND), image_logits_BE)
+            return x_BND + out.y, out.routing
         out = self.mlp(self.norm2(x_BND))
-        if isinstance(self.mlp, MoEMlp | SoftMoEMlp):
+        if isinstance(self.mlp, SoftMoEMlp):
             return x_BND + out.y, out.routing
         return x_BND + out, None
 
@@ -100,6 +103,10 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + (cfg.pool == "cls"), dim) * 0.02)
         moe_layers = set(cfg.moe_layers())
         self.blocks = nn.ModuleList(Block(cfg, moe=i in moe_layers) for i in range(depth))
+        per_image = cfg.moe is not None and cfg.moe.router == "per_image"
+        self.image_router = PerImageRouter(dim, cfg.moe) if per_image else None  # one decision per image
+        if per_image and cfg.moe.superclasses is not None:  # class -> super-class, from the recipe
+            self.register_buffer("superclass_of", torch.tensor(cfg.moe.superclasses), persistent=False)
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         rep = cfg.representation_size
         self.pre_logits = nn.Sequential(nn.Linear(dim, rep), nn.Tanh()) if rep else nn.Identity()
@@ -146,15 +153,29 @@ class VisionTransformer(nn.Module):
         """
         aux_loss = x_BND.new_zeros((), dtype=torch.float32)
         routing: dict[int, RouterOutput] = {}
+        image_logits_BE = None
         for i in range(start, len(self.blocks) if stop is None else stop):
-            x_BND, route = self.blocks[i](x_BND)
+            if self.image_router is not None and image_logits_BE is None and i in self.cfg.moe_layers():
+                if i != self.cfg.moe_layers()[0]:
+                    raise ValueError(f"per-image routing is decided before block {self.cfg.moe_layers()[0]}")
+                image_logits_BE, image_aux = self.image_router(x_BND)
+                aux_loss = aux_loss + image_aux
+            x_BND, route = self.blocks[i](x_BND, image_logits_BE)
             if route is not None:
                 routing[i] = route
                 aux_loss = aux_loss + route.aux_loss
         return x_BND, aux_loss, routing
 
-    def forward(self, images_BCHW: Tensor) -> ModelOutput:
+    def forward(self, images_BCHW: Tensor, labels_B: Tensor | None = None) -> ModelOutput:
+        """`labels_B` (training) adds the super-class guidance loss of a per-image router given super-classes."""
         x_BND, aux_loss, routing = self.run_blocks(self.embed(images_BCHW))
+        if labels_B is not None and hasattr(self, "superclass_of"):
+            first = routing[self.cfg.moe_layers()[0]]
+            image_logits_BE, target_B = first.logits_GSE[0], self.superclass_of[labels_B]
+            guidance = F.cross_entropy(image_logits_BE, target_B)
+            aux_loss = aux_loss + self.cfg.moe.superclass_weight * guidance
+            first.metrics["superclass_loss"] = guidance.detach()
+            first.metrics["superclass_top1"] = (image_logits_BE.argmax(-1) == target_B).float().mean()
         return self.head_from_tokens(x_BND, aux_loss, routing)
 
     def set_routing(self, **changes: object) -> None:

@@ -141,7 +141,7 @@ def train_step(
         if data.augment.mixup > 0:
             images, targets = mixup(images, targets, data.augment.mixup, generator)
         with accelerator.accumulate(model):
-            out: ModelOutput = model(images)
+            out: ModelOutput = model(images, labels)  # labels: the per-image router's super-class guidance
             loss = task_loss(out.logits.float(), targets, cfg.loss)
             _check_finite(loss + out.aux_loss, step, accelerator)
             accelerator.backward(loss + out.aux_loss)
