@@ -64,7 +64,8 @@ def test_block_output_is_the_gate_weighted_sum_of_the_images_experts():
     gates = logits_BE.softmax(-1)
     for b in range(3):
         top = gates[b].topk(2)
-        want = sum(w * block.experts(x_BND[b].expand(4, -1, -1))[e] for w, e in zip(top.values, top.indices, strict=True))
+        outputs_E = block.experts(x_BND[b].expand(4, -1, -1))  # every expert on the image's tokens
+        want = sum(w * outputs_E[e] for w, e in zip(top.values, top.indices, strict=True))
         assert torch.allclose(y[b], want, atol=1e-5)
 
 
