@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = SweepOptions(batch_size=64, throughput_batch=16, repeats=1, warmup=0)
 
 
-def save_random_model(run: Path, recipe_name: str) -> Path:
+def save_random_model(run: Path, recipe_name: str, overrides: tuple[str, ...] = ()) -> Path:
     """A digits model with random (non-zero) head and router weights, saved as a run's checkpoint."""
-    recipe = load_recipe(ROOT / "recipes" / recipe_name)
+    recipe = load_recipe(ROOT / "recipes" / recipe_name, overrides)
     torch.manual_seed(0)
     model = VisionTransformer(recipe.model)
     with torch.no_grad():
@@ -76,6 +76,27 @@ def test_large_capacity_drops_nothing_and_matches_plain_evaluation(vmoe_run, cac
         assert row["top1"] == plain_top1(vmoe_run, cache, k, cf, bpr)
     assert rows[(2, 0.25, False)]["dropped_any"] > 0.5
     assert set(big["expert_load_per_layer"]) == {"1", "3"} and len(big["expert_load_per_layer"]["1"]) == 4
+
+
+@pytest.mark.parametrize(
+    "router, axes",
+    [("expert_choice", ["capacity_factor"]), ("sinkhorn_expert_choice", ["capacity_factor"]),
+     ("per_image", ["k", "capacity_factor", "bpr"])],
+)  # fmt: skip
+def test_each_router_sweeps_the_axes_that_apply(router, axes, cache, tmp_path):
+    run = save_random_model(tmp_path / "run", "digits-vmoe.yaml", (f"model.moe.router={router}",))
+    grid = make_grid([1, 2], [0.25, 4.0], [True, False])
+    results = sweep(str(run), "digits", grid, tmp_path / "sweep", FAST, cache_dir=cache)
+    assert results["axes"] == axes and results["router"] == router
+    rows = results["rows"]
+    if "k" in axes:
+        assert len(rows) == 8
+    else:  # K and BPR held at the trained values: one row per capacity
+        assert [(r["k"], r["bpr"], r["capacity_factor"]) for r in rows] == [(2, False, 0.25), (2, False, 4.0)]
+    low, high = rows[0], rows[1]
+    assert low["dropped_all"] > high["dropped_all"] == 0  # capacity matters for every one of them
+    for r in rows:
+        assert r["top1"] == pytest.approx(plain_top1(run, cache, r["k"], r["capacity_factor"], r["bpr"]), abs=1e-12)
 
 
 def test_bpr_keeps_the_highest_gate_tokens_at_low_capacity():

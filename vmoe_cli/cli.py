@@ -400,15 +400,18 @@ def sweep_table(results: dict) -> Table:
     """The sweep as a rich table: one row per setting, the dense twin last."""
     trained = results["trained"]
     title = f"capacity sweep: {results['checkpoint']} on {results['data']} ({results['split']})"
-    caption = f"trained with K={trained['k']}, cf={trained['capacity_factor']}; * = K above trained"
+    axes = results.get("axes", ["k", "capacity_factor", "bpr"])
+    caption = f"{results.get('router', 'token_choice')} trained with K={trained['k']}, cf={trained['capacity_factor']}"
+    caption += "; * = K above trained" if "k" in axes else "; K and BPR do not apply to this router (capacity only)"
     table = Table(title=title, caption=caption)
     columns = ["K", "BPR", "cf", "top-1 %", "dropped all %", "dropped any %", "GFLOPs", "images/s", "latency ms"]
     fewshot = any(r["fewshot_top1"] is not None for r in results["rows"])
     for name in [*columns, *(["few-shot %"] if fewshot else [])]:
         table.add_column(name, justify="right")
     for r in results["rows"]:
-        k = f"{r['k']}{'*' if r['k_above_trained'] else ''}"
-        cells = [k, "on" if r["bpr"] else "off", f"{r['capacity_factor']:g}", f"{100 * r['top1']:.2f}"]
+        k = f"{r['k']}{'*' if r['k_above_trained'] else ''}" if "k" in axes else "-"
+        bpr = ("on" if r["bpr"] else "off") if "bpr" in axes else "-"
+        cells = [k, bpr, f"{r['capacity_factor']:g}", f"{100 * r['top1']:.2f}"]
         cells += [f"{100 * r['dropped_all']:.1f}", f"{100 * r['dropped_any']:.1f}", f"{r['gflops']:.3g}"]
         cells += [f"{r['images_per_s']:,.0f}", f"{r['latency_ms']:.1f}"]
         table.add_row(*cells, *([f"{100 * r['fewshot_top1']:.1f}"] if fewshot else []))

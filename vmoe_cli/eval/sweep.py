@@ -31,6 +31,7 @@ from vmoe_cli.data.shard import eval_shards, file_sha256
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.fewshot import model_backbone, run_fewshot
 from vmoe_cli.eval.flops import flops_per_image
+from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.vit import VisionTransformer
 
 STATE = "sweep-state.json"
@@ -75,6 +76,23 @@ def make_grid(ks: Sequence[int], capacities: Sequence[float], bprs: Sequence[boo
     return [GridPoint(k, float(c), b) for k in ks for b in bprs for c in sorted(capacities)]
 
 
+def sweep_axes(moe: MoEConfig) -> tuple[str, ...]:
+    """The settings a sweep can vary for this router: K and BPR only where tokens (or images) choose experts;
+    expert choice has only its capacity; Soft MoE nothing (its slots are weights and it drops no token)."""
+    if moe.router == "soft":
+        return ()
+    return ("k", "capacity_factor", "bpr") if moe.is_token_choice else ("capacity_factor",)
+
+
+def applicable_points(points: Sequence[GridPoint], moe: MoEConfig) -> list[GridPoint]:
+    """`points` with the axes the router lacks held at their trained values, duplicates removed, order kept."""
+    axes = sweep_axes(moe)
+    fixed = [
+        GridPoint(p.k if "k" in axes else moe.k, p.capacity_factor, p.bpr if "bpr" in axes else moe.bpr) for p in points
+    ]
+    return list(dict.fromkeys(fixed))
+
+
 def sweep(
     checkpoint: str | Path,
     data: str,
@@ -93,10 +111,11 @@ def sweep(
     model = load_model(ckpt).to(options.device)
     if model.cfg.moe is None:
         raise VmoeError(f"--checkpoint {checkpoint}: a dense model has nothing to sweep; pass it as --baseline")
-    if model.cfg.moe.router == "soft":
+    if not sweep_axes(model.cfg.moe):
         raise VmoeError(
             f"--checkpoint {checkpoint}: Soft MoE drops no token and its slots are weights; nothing to sweep"
         )
+    points = applicable_points(points, model.cfg.moe)
     for p in points:
         if p.k > model.cfg.moe.num_experts:
             raise VmoeError(f"--k {p.k}: the model has only {model.cfg.moe.num_experts} experts")
@@ -142,6 +161,7 @@ def sweep(
     results = {
         "checkpoint": str(checkpoint), "data": data, "split": options.split,
         "trained": {"k": trained["k"], "capacity_factor": trained["capacity_factor"], "bpr": trained["bpr"]},
+        "router": trained["router"], "axes": list(sweep_axes(model.cfg.moe)),
         "options": asdict(options), "rows": rows, "baseline": state.get("baseline"),
     }  # fmt: skip
     write_text_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
