@@ -49,7 +49,8 @@ def test_every_recipe_loads_and_validates(path: Path):
     recipe = load_recipe(path)
     assert isinstance(recipe.model, ModelConfig)
     assert recipe.description
-    assert (recipe.model.moe is not None) == ("vmoe" in path.stem)
+    dense = path.stem.startswith("vit") or path.stem.endswith("-vit")
+    assert (recipe.model.moe is None) == dense
 
 
 def test_paper_and_tiny_recipes_have_the_stated_settings():

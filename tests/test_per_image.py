@@ -99,9 +99,9 @@ def test_recipe_reads_the_superclasses_file_and_names_its_problems(tmp_path):
     loaded = load_recipe(recipe, [*base, f"model.moe.superclasses={good}"])
     assert loaded.model.moe.superclasses == SUPER  # the resolved recipe carries the list
     cases = {
-        "short.json": (SUPER[:9], "maps 9 classes, the model has 10"),
-        "three.json": ([g % 3 for g in range(10)], "not one per expert 0..3"),
-        "junk.json": (None, "is not a `vmoe superclasses` file"),
+        "short.json": (SUPER[:9], "groups 9 classes but the model has 10"),
+        "three.json": ([g % 3 for g in range(10)], "has 3 super-classes but the model has 4 experts"),
+        "junk.json": (None, "cannot read the super-classes"),
     }
     for name, (mapping, message) in cases.items():
         path = _write(tmp_path / name, mapping) if mapping else tmp_path / name
@@ -110,7 +110,7 @@ def test_recipe_reads_the_superclasses_file_and_names_its_problems(tmp_path):
         with pytest.raises(VmoeError, match=message) as e:
             load_recipe(recipe, [*base, f"model.moe.superclasses={path}"])
         assert str(e.value).startswith(str(recipe)) and name in str(e.value)
-    with pytest.raises(VmoeError, match="no such file"):
+    with pytest.raises(VmoeError, match="gone.json: cannot read"):
         load_recipe(recipe, [*base, f"model.moe.superclasses={tmp_path / 'gone.json'}"])
     with pytest.raises(VmoeError, match="set model.moe.router=per_image"):
         load_recipe(recipe, [f"model.moe.superclasses={good}"])

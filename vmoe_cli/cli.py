@@ -422,6 +422,41 @@ def sweep_table(results: dict) -> Table:
     return table
 
 
+@main.command("superclasses")
+@click.argument("data")
+@click.option("--checkpoint", required=True, help="Trained dense model (checkpoint or run directory) with a head.")
+@click.option("--experts", required=True, type=int, help="Number of super-classes E: one per expert.")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True, help="JSON file written.")
+@click.option("--split", default="minival", show_default=True,
+              help="Held-out slice of train the confusion matrix is measured on (never test).")  # fmt: skip
+@CACHE_DIR
+def superclasses(data: str, checkpoint: str, experts: int, out_file: Path, split: str, cache_dir: Path) -> None:
+    """Group DATA's classes into E balanced super-classes for a per-image router (Mobile V-MoE).
+
+    The confusion matrix of the model on a held-out slice of train is clustered spectrally into E
+    groups of (nearly) equal size; the recipe key model.moe.superclasses takes the file.
+
+    \b
+    Example:
+      vmoe superclasses shards/fmnist --checkpoint runs/fmnist-vit --experts 4 --out recipes/fmnist-superclasses.json
+    """
+    from vmoe_cli.eval.superclasses import find_superclasses, write_superclasses
+
+    with _progress_bar() as show:
+        result = find_superclasses(checkpoint, data, experts, split, cache_dir, progress=show)
+    write_superclasses(result, out_file)
+    table = Table(
+        title=f"{experts} super-classes of {data} from {checkpoint}",
+        caption=f"{result['examples']} {split} images, held-out top-1 {100 * result['heldout_top1']:.1f}%",
+    )
+    table.add_column("super-class", justify="right")
+    table.add_column("classes")
+    for i, names in enumerate(result["groups"]):
+        table.add_row(str(i), Text(", ".join(names)))
+    _console().print(table)  # fmt: skip
+    click.echo(f"wrote {out_file}")
+
+
 @main.command("convert-jax")
 @click.argument("prefix")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Run directory written.")

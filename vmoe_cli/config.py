@@ -115,7 +115,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 
     Raises VmoeError with one line naming the file for every user mistake.
     """
-    return recipe_from_dict(_read_yaml(path), overrides, str(path))
+    return recipe_from_dict(_read_with_bases(Path(path)), overrides, str(path))
 
 
 def recipe_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source: str = "recipe") -> Recipe:
@@ -146,23 +146,23 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def read_superclasses(path: str | Path, num_classes: int, experts: int) -> list[int]:
-    """`class_to_group` of a `vmoe superclasses` file, checked against the model's classes and experts."""
+    """The super-class (expert index) of each class from a `vmoe superclasses` file, checked against the model
+    that will route by it: `num_classes` classes and `experts` experts, every expert given some class."""
+    rerun = f"rerun `vmoe superclasses --experts {experts}`"
     try:
-        mapping = json.loads(Path(path).read_text(encoding="utf-8"))["class_to_group"]
-    except FileNotFoundError:
-        raise VmoeError(f"model.moe.superclasses: no such file {path} (write it with `vmoe superclasses`)") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        mapping = None
-    if not isinstance(mapping, list) or not all(isinstance(g, int) for g in mapping):
-        raise VmoeError(f"model.moe.superclasses: {path} is not a `vmoe superclasses` file (no class_to_group list)")
-    if len(mapping) != num_classes:
-        raise VmoeError(f"model.moe.superclasses: {path} maps {len(mapping)} classes, the model has {num_classes}")
-    if sorted(set(mapping)) != list(range(experts)):
-        raise VmoeError(
-            f"model.moe.superclasses: {path} has groups {sorted(set(mapping))}, not one per expert 0..{experts - 1}; "
-            f"rerun `vmoe superclasses --experts {experts}`"
-        )
-    return mapping
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VmoeError(f"{path}: cannot read the super-classes ({e}); {rerun}") from None
+    groups = record.get("class_to_group") if isinstance(record, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+        raise VmoeError(f"{path}: no list of integers 'class_to_group'; {rerun}")
+    if len(groups) != num_classes:
+        raise VmoeError(f"{path}: groups {len(groups)} classes but the model has {num_classes}; {rerun}")
+    if len(set(groups)) != experts:
+        raise VmoeError(f"{path}: has {len(set(groups))} super-classes but the model has {experts} experts; {rerun}")
+    if not all(0 <= g < experts for g in groups):
+        raise VmoeError(f"{path}: super-class indices outside 0..{experts - 1}; {rerun}")
+    return groups
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
@@ -255,6 +255,30 @@ def _describe(tp: Any) -> str:
 
 def _join(where: str, key: object) -> str:
     return f"{where}.{key}" if where else str(key)
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe with its `base:` chain merged in: `base: other.yaml` (relative to this file) is read first and
+    this file's keys override it, section by section (a variant states only what differs)."""
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise VmoeError(f"{path}: base must be the path of another recipe, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise VmoeError(f"{path}: base {base} leads back to itself")
+    return _merge(_read_with_bases(base_path, (*seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else (null included) replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:

@@ -167,23 +167,3 @@ def write_superclasses(result: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ",\n".join(f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in result.items())
     write_text_atomic(path, "{\n" + lines + "\n}\n")
-
-
-def load_superclasses(path: str | Path, num_classes: int, experts: int) -> list[int]:
-    """The super-class (expert index) of each class from a write_superclasses file, checked against the model
-    that will route by it: `num_classes` classes and `experts` experts, every expert given some class."""
-    rerun = f"rerun `vmoe superclasses --experts {experts}`"
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VmoeError(f"{path}: cannot read the super-classes ({e}); {rerun}") from None
-    groups = record.get("class_to_group") if isinstance(record, dict) else None
-    if not isinstance(groups, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
-        raise VmoeError(f"{path}: no list of integers 'class_to_group'; {rerun}")
-    if len(groups) != num_classes:
-        raise VmoeError(f"{path}: groups {len(groups)} classes but the model has {num_classes}; {rerun}")
-    if len(set(groups)) != experts:
-        raise VmoeError(f"{path}: has {len(set(groups))} super-classes but the model has {experts} experts; {rerun}")
-    if False:
-        raise VmoeError(f"{path}: super-class indices outside 0..{experts - 1}; {rerun}")
-    return groups
