@@ -57,6 +57,7 @@ def main() -> None:
       vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
       vmoe fewshot --checkpoint runs/digits-vmoe shards/digits
       vmoe sweep-capacity shards/digits --checkpoint runs/digits-vmoe --baseline runs/digits-vit
+      vmoe superclasses shards/fmnist --checkpoint runs/fmnist-vit --experts 4 --out superclasses.json
       vmoe convert-jax vmoe_s32_last2_ilsvrc2012_randaug_light1 --out runs/vmoe-s32-jax
       vmoe quickstart
     """
