@@ -116,3 +116,18 @@ def test_sinkhorn_routers_select_on_the_plan_and_weight_by_softmax(router):
     torch.testing.assert_close(got.weight_GSK, weights)
     out.y.square().mean().backward()
     assert moe.router.proj.weight.grad.abs().sum() > 0  # through the softmax combine weights only
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "sinkhorn_expert_choice"])
+def test_expert_choice_metrics_count_experts_per_token(router):
+    torch.manual_seed(0)
+    cfg = MoEConfig(router=router, num_experts=4, capacity_factor=1.0, group_images=1, capacity_multiple=1)
+    moe = MoEMlp(8, 16, cfg).eval()
+    out = moe(torch.randn(3, 8, 8))
+    experts_GS = out.routing.plan.kept_GSK.sum(dim=-1)  # C = 2 of 8 tokens per expert: some get none
+    m = out.routing.metrics
+    for name, share in (("tokens_0_experts", experts_GS == 0), ("tokens_1_expert", experts_GS == 1),
+                        ("tokens_2plus_experts", experts_GS >= 2)):  # fmt: skip
+        assert m[name].item() == pytest.approx(share.float().mean().item())
+    assert m["tokens_0_experts"] > 0 and m["dropped_all"] == m["tokens_0_experts"]
+    assert (out.routing.plan.kept_GSK.sum(dim=1) <= out.routing.plan.capacity).all()  # never above C per expert

@@ -181,16 +181,31 @@ class ExpertChoiceRouter(LinearRouter):
         C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
         logits_GSE = self.noisy_logits(x_GSD)
         plan = expert_choice_plan(logits_GSE.softmax(dim=-1), C)
-        with torch.no_grad():
-            experts_GS = plan.kept_GSK.sum(dim=-1)  # how many experts process each token
-            metrics = {
-                "tokens_0_experts": (experts_GS == 0).float().mean(),
-                "tokens_1_expert": (experts_GS == 1).float().mean(),
-                "tokens_2plus_experts": (experts_GS >= 2).float().mean(),
-            }
-            metrics["dropped_all"] = metrics["dropped_any"] = metrics["tokens_0_experts"]  # no K to miss
-            metrics.update(_load_metrics(plan.kept_GSK.sum(dim=1), C))
-        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics, logits_GSE=logits_GSE)
+        return RouterOutput(plan, logits_GSE.new_zeros(()), _expert_choice_metrics(plan), logits_GSE)
+
+
+@torch.no_grad()
+def _token_choice_metrics(plan: Plan, seen_GE: Tensor) -> dict[str, Tensor]:
+    """Shares of tokens dropped by all and by any of their K choices, and the load of what was placed."""
+    dropped_GSK = ~plan.kept_GSK
+    return {
+        "dropped_all": dropped_GSK.all(dim=-1).float().mean(),
+        "dropped_any": dropped_GSK.any(dim=-1).float().mean(),
+        **_load_metrics(seen_GE.clamp(max=plan.capacity), plan.capacity),
+    }
+
+
+@torch.no_grad()
+def _expert_choice_metrics(plan: Plan) -> dict[str, Tensor]:
+    """Shares of tokens processed by 0, 1 and 2+ experts (dropped = 0: there is no K to miss), and the load."""
+    experts_GS = plan.kept_GSK.sum(dim=-1)  # choice e of every token is expert e
+    metrics = {
+        "tokens_0_experts": (experts_GS == 0).float().mean(),
+        "tokens_1_expert": (experts_GS == 1).float().mean(),
+        "tokens_2plus_experts": (experts_GS >= 2).float().mean(),
+    }
+    metrics["dropped_all"] = metrics["dropped_any"] = metrics["tokens_0_experts"]
+    return metrics | _load_metrics(plan.kept_GSK.sum(dim=1), plan.capacity)
 
 
 class TokenChoiceRouter(LinearRouter):
@@ -220,12 +235,7 @@ class TokenChoiceRouter(LinearRouter):
             losses["z_loss"] = z_loss(logits_GSE)
             aux = aux + cfg.zloss_weight * losses["z_loss"]
 
-        dropped_GSK = ~plan.kept_GSK
-        with torch.no_grad():
-            metrics = {name: value.detach() for name, value in losses.items()}
-            metrics["dropped_all"] = dropped_GSK.all(dim=-1).float().mean()
-            metrics["dropped_any"] = dropped_GSK.any(dim=-1).float().mean()
-            metrics.update(_load_metrics(seen_GE.clamp(max=C), C))
+        metrics = {name: value.detach() for name, value in losses.items()} | _token_choice_metrics(plan, seen_GE)
         return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics, logits_GSE=noisy_logits_GSE)
 
 
@@ -260,22 +270,11 @@ class SinkhornRouter(LinearRouter):
             C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
             plan = expert_choice_plan(plan_GSE, C)
             plan.weight_GSK = gates_GSE
-            placed_GE = plan.kept_GSK.sum(dim=1)  # choice e of every token is expert e
-        else:
-            C = capacity(S * cfg.k, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
-            plan, seen_GE = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
-            plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
-            placed_GE = seen_GE.clamp(max=C)
-        with torch.no_grad():
-            kept_GSK = plan.kept_GSK
-            metrics = {"dropped_all": (~kept_GSK).all(dim=-1).float().mean()}
-            metrics["dropped_any"] = (
-                (~kept_GSK).any(dim=-1).float().mean()
-                if cfg.router != "sinkhorn_expert_choice"
-                else metrics["dropped_all"]
-            )
-            metrics.update(_load_metrics(placed_GE, C))
-        return RouterOutput(plan=plan, aux_loss=logits_GSE.new_zeros(()), metrics=metrics, logits_GSE=logits_GSE)
+            return RouterOutput(plan, logits_GSE.new_zeros(()), _expert_choice_metrics(plan), logits_GSE)
+        C = capacity(S * cfg.k, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+        plan, seen_GE = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
+        plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
+        return RouterOutput(plan, logits_GSE.new_zeros(()), _token_choice_metrics(plan, seen_GE), logits_GSE)
 
 
 class PerImageRouter(LinearRouter):
@@ -299,14 +298,7 @@ def route_images(logits_BE: Tensor, tokens_per_image: int, group_tokens: int, cf
     gates_GSE = logits_BE.softmax(dim=-1).repeat_interleave(tokens_per_image, dim=0).view(-1, group_tokens, E)
     C = capacity(group_tokens * K, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
     plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
-    with torch.no_grad():
-        dropped_GSK = ~plan.kept_GSK
-        metrics = {
-            "dropped_all": dropped_GSK.all(dim=-1).float().mean(),
-            "dropped_any": dropped_GSK.any(dim=-1).float().mean(),
-            **_load_metrics(seen_GE.clamp(max=C), C),
-        }
-    return RouterOutput(plan=plan, aux_loss=logits_BE.new_zeros(()), metrics=metrics, logits_GSE=logits_BE[None])
+    return RouterOutput(plan, logits_BE.new_zeros(()), _token_choice_metrics(plan, seen_GE), logits_BE[None])
 
 
 def make_router(dim: int, cfg: MoEConfig) -> nn.Module | None:
