@@ -63,7 +63,9 @@ def test_architecture_is_inferred_from_the_shapes(converted):
 
 
 # the fixture's 8 settings (its README): listed here so that collection does not need the fixture
-SETTINGS = [f"cf{cf}_bpr-{bpr}_disp-{disp}" for cf in ("1.05", "4.0") for bpr in ("off", "on") for disp in ("bf16", "f32")]
+SETTINGS = [
+    f"cf{cf}_bpr-{bpr}_disp-{disp}" for cf in ("1.05", "4.0") for bpr in ("off", "on") for disp in ("bf16", "f32")
+]
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
