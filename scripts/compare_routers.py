@@ -21,10 +21,9 @@ import torch
 
 from vmoe_cli.checkpoint import find_resume, load_model
 from vmoe_cli.config import load_recipe
-from vmoe_cli.data.loader import build_loader
 from vmoe_cli.eval.fewshot import load_backbone, run_fewshot
 from vmoe_cli.eval.flops import flops_per_image
-from vmoe_cli.eval.sweep import SweepOptions, time_forward
+from vmoe_cli.eval.sweep import SweepOptions, split_loader, time_forward
 from vmoe_cli.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +64,7 @@ def measure(record: dict, args: argparse.Namespace) -> dict:
     record["fewshot10_top1"] = fewshot["datasets"][str(args.shards)]["summary"][10]["mean"]
     model = load_model(find_resume(run, "latest"))
     data = load_recipe(run / "config.yaml").data
-    loader = build_loader(args.shards, "test", batch_size=args.batch, image_size=model.cfg.image_size,
-                          channels=model.cfg.channels, train=False, mean=data.mean, std=data.std)  # fmt: skip
-    images = next(iter(loader))[0]
+    images = next(iter(split_loader(args.shards, "test", args.batch, model, data)))[0]
     with torch.inference_mode():
         record.update(time_forward(model, images, SweepOptions(repeats=args.repeats)))
     record["gflops"] = flops_per_image(model.cfg, args.batch) / 1e9

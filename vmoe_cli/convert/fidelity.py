@@ -11,13 +11,16 @@ difference of each tensor.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vmoe_cli.errors import VmoeError
+from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.routing import Plan, RouterOutput, gshard_loss, importance_loss
 from vmoe_cli.models.vit import VisionTransformer
 
@@ -41,7 +44,7 @@ def run_traced(model: VisionTransformer, images_BCHW: Tensor) -> dict[str, np.nd
     """One forward pass, with every tensor the official outputs file names, under the same names."""
     captured: dict[str, Tensor] = {}
 
-    def keep(name: str, pick=lambda out: out):  # noqa: ANN001 - a forward hook's output is module-specific
+    def keep(name: str, pick: Callable[[Any], Tensor] = lambda out: out) -> Callable[..., None]:
         return lambda _module, _inputs, out: captured.__setitem__(name, pick(out))
 
     hooks = [model.patch_embed.register_forward_hook(keep("hidden/embedding", lambda o: o.permute(0, 2, 3, 1)))]
@@ -68,7 +71,7 @@ def run_traced(model: VisionTransformer, images_BCHW: Tensor) -> dict[str, np.nd
     return result
 
 
-def _routing_tensors(routing: RouterOutput, moe) -> dict[str, np.ndarray]:  # noqa: ANN001 - an MoEConfig
+def _routing_tensors(routing: RouterOutput, moe: MoEConfig) -> dict[str, np.ndarray]:
     """Router logits, dense dispatch / combine, capacity, dropped count and per-group losses of one MoE block."""
     plan, logits_GSE = routing.plan, routing.logits_GSE
     combine_GSEC, dispatch_GSEC = dense_weights(plan)

@@ -43,15 +43,16 @@ def flops_per_image(cfg: ModelConfig, batch: int | None = None) -> float:
         elif i in moe_layers:
             images = cfg.moe.group_tokens(batch, N) / N  # a fraction when groups straddle images
             slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, batch) / images
-            per_image = cfg.moe.router == "per_image"  # one router on the mean token, before the first MoE block
-            if not per_image or i == min(moe_layers):
-                total += 2 * (1 if per_image else N) * D * cfg.moe.num_experts  # router
+            if cfg.moe.router != "per_image":  # the per-image router is counted once, below
+                total += 2 * N * D * cfg.moe.num_experts  # router
             total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot
             choices = cfg.moe.k if cfg.moe.is_token_choice else cfg.moe.num_experts  # expert choice: E
             if choices > 1:  # combine: a batched matmul summing the weighted outputs (1 choice: a multiply)
                 total += 2 * N * choices * D
         else:
             total += 2 * 2 * N * D * H
+    if cfg.moe is not None and cfg.moe.router == "per_image":
+        total += 2 * D * cfg.moe.num_experts  # the image router, on each image's mean token
     rep = cfg.representation_size
     if rep:
         total += 2 * D * rep

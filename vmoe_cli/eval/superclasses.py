@@ -22,9 +22,10 @@ from sklearn.cluster import KMeans
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.checkpoint import load_model, load_recipe_of, resolve_checkpoint
 from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import build_loader, read_manifest
+from vmoe_cli.data.loader import read_manifest
 from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
+from vmoe_cli.eval.sweep import split_loader
 from vmoe_cli.models.vit import VisionTransformer
 
 AFFINITY_EPS = 1e-4  # added to every off-diagonal affinity so the class graph is connected
@@ -47,11 +48,7 @@ def confusion_matrix(
     classes = len(manifest["classes"])
     if model.cfg.num_classes != classes:
         raise VmoeError(f"the model predicts {model.cfg.num_classes} classes but {shard_dir} has {classes}")
-    data = data or DataConfig()
-    loader = build_loader(
-        shard_dir, split, batch_size=batch_size, image_size=model.cfg.image_size, channels=model.cfg.channels,
-        train=False, mean=data.mean, std=data.std,
-    )  # fmt: skip
+    loader = split_loader(shard_dir, split, batch_size, model, data)
     total = manifest["splits"][split]["count"]
     model = model.to(device).eval()
     counts = np.zeros(classes * classes, dtype=np.int64)

@@ -200,8 +200,8 @@ def _accuracy_pass(
     progress: ProgressFn | None,
 ) -> None:
     """One pass over the split: dense prefix once per batch, then the MoE part for every grid point."""
-    first_moe = min(model.cfg.moe_layers())
-    loader = _split_loader(shard_dir, options.split, options.batch_size, model, data, state["batches_done"])
+    first_moe = model.first_moe
+    loader = split_loader(shard_dir, options.split, options.batch_size, model, data, state["batches_done"])
     state["batches"] = loader.steps
     for images, labels in loader:
         images, labels = images.to(options.device), labels.to(options.device)
@@ -254,7 +254,7 @@ def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, im
     """The dense twin's point: plain top-1, GFLOPs and timing."""
     ckpt = resolve_checkpoint(checkpoint, "--baseline")
     model = load_model(ckpt).to(options.device)
-    loader = _split_loader(shard_dir, options.split, options.batch_size, model, load_recipe_of(ckpt).data)
+    loader = split_loader(shard_dir, options.split, options.batch_size, model, load_recipe_of(ckpt).data)
     correct = total = 0
     with torch.inference_mode():
         for x, y in loader:
@@ -271,11 +271,11 @@ def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, im
 
 def _first_batch(shard_dir: Path, options: SweepOptions, model: VisionTransformer, data: DataConfig) -> torch.Tensor:
     """The first `throughput_batch` images of the split, as the model sees them: the timed input."""
-    loader = _split_loader(shard_dir, options.split, options.throughput_batch, model, data)
+    loader = split_loader(shard_dir, options.split, options.throughput_batch, model, data)
     return next(iter(loader))[0].to(options.device)
 
 
-def _split_loader(
+def split_loader(
     shard_dir: Path, split: str, batch_size: int, model: VisionTransformer, data: DataConfig | None, start: int = 0
 ) -> Loader:
     """Evaluation batches of `split` sized and normalised for `model` (`data`: its recipe's data section)."""

@@ -101,7 +101,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.channels, dim, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + (cfg.pool == "cls"), dim) * 0.02)
-        moe_layers = set(cfg.moe_layers())
+        moe_layers = cfg.moe_layers()
+        self.first_moe = moe_layers[0] if moe_layers else None  # where a per-image router decides
         self.blocks = nn.ModuleList(Block(cfg, moe=i in moe_layers) for i in range(depth))
         per_image = cfg.moe is not None and cfg.moe.router == "per_image"
         self.image_router = PerImageRouter(dim, cfg.moe) if per_image else None  # one decision per image
@@ -151,13 +152,13 @@ class VisionTransformer(nn.Module):
 
         Running the dense blocks before the first MoE block once lets a capacity sweep reuse their output.
         """
+        if self.image_router is not None and start > self.first_moe:
+            raise ValueError(f"per-image routing is decided before block {self.first_moe}; start there or earlier")
         aux_loss = x_BND.new_zeros((), dtype=torch.float32)
         routing: dict[int, RouterOutput] = {}
         image_logits_BE = None
         for i in range(start, len(self.blocks) if stop is None else stop):
-            if self.image_router is not None and image_logits_BE is None and i in self.cfg.moe_layers():
-                if i != self.cfg.moe_layers()[0]:
-                    raise ValueError(f"per-image routing is decided before block {self.cfg.moe_layers()[0]}")
+            if self.image_router is not None and i == self.first_moe:
                 image_logits_BE, image_aux = self.image_router(x_BND)
                 aux_loss = aux_loss + image_aux
             x_BND, route = self.blocks[i](x_BND, image_logits_BE)
@@ -170,7 +171,7 @@ class VisionTransformer(nn.Module):
         """`labels_B` (training) adds the super-class guidance loss of a per-image router given super-classes."""
         x_BND, aux_loss, routing = self.run_blocks(self.embed(images_BCHW))
         if labels_B is not None and hasattr(self, "superclass_of"):
-            first = routing[self.cfg.moe_layers()[0]]
+            first = routing[self.first_moe]
             image_logits_BE, target_B = first.logits_GSE[0], self.superclass_of[labels_B]
             guidance = F.cross_entropy(image_logits_BE, target_B)
             aux_loss = aux_loss + self.cfg.moe.superclass_weight * guidance
