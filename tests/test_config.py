@@ -1,5 +1,6 @@
 """Recipes: every shipped file loads, and every user mistake is one line naming the file and key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_recipes_dir_holds_the_shipped_recipes():
         "vmoe-s32-last2-ft384",
         "vmoe-b16-every2-ft384",
     } <= names
-    assert len(names) == 26
+    assert len(names) == 28
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
@@ -79,6 +80,10 @@ def test_paper_and_tiny_recipes_have_the_stated_settings():
 
     fmnist = load_recipe(RECIPES / "fmnist-vmoe.yaml").model
     assert fmnist.moe_layers() == [3, 5]
+    conv, conv_dense = (load_recipe(RECIPES / f"fmnist-conv-{name}.yaml") for name in ("vmoe", "vit"))
+    assert conv.model == dataclasses.replace(fmnist, stem="conv")  # only the stem and the budget differ
+    assert conv_dense.model == dataclasses.replace(conv.model, moe=None)
+    assert conv.train == conv_dense.train and conv.train.steps == 5600
 
 
 def test_unknown_key_suggests_the_closest_name(tmp_path: Path):

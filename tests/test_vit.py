@@ -1,5 +1,7 @@
 """ViT / V-MoE: every preset runs, FLOPs match a counter, routing changes at inference."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -52,6 +54,8 @@ FLOP_CASES = {
     "per image K=1": nano(moe=MoEConfig(router="per_image", layers="last-2", num_experts=4, k=1)),
     "per image K=2 tokens groups": nano(moe=MoEConfig(router="per_image", num_experts=3, k=2, group_size=20)),
     "moe groups of 20 tokens": nano(moe=MoEConfig(num_experts=3, group_size=20, capacity_factor=1.5)),
+    "conv stem, 1 conv": nano(stem="conv"),
+    "conv stem, 2 convs, moe": nano(variant="nano/4", stem="conv", moe=MoEConfig(layers="last-1", num_experts=3)),
 }
 
 
@@ -63,6 +67,33 @@ def test_analytic_flops_match_flop_counter(name):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA is counted
         model(torch.randn(batch, 1, 8, 8))
     assert counter.get_total_flops() == pytest.approx(batch * flops_per_image(cfg, batch), rel=1e-12)
+
+
+def test_conv_stem_layers_and_grid():
+    # 7 x 7 patches: 3 stride-2 convs (28 -> 14 -> 7 -> 4 px) with channels 32, 64, 128, then 1x1 to D=128
+    cfg = ModelConfig(variant="micro/7", image_size=28, channels=1, num_classes=10, pool="gap", stem="conv")
+    model = VisionTransformer(cfg)
+    convs = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (1, 32, (3, 3), (2, 2)), (32, 64, (3, 3), (2, 2)), (64, 128, (3, 3), (2, 2)), (128, 128, (1, 1), (1, 1))
+    ]  # fmt: skip
+    assert model.embed(torch.randn(2, 1, 28, 28)).shape == (2, 16, 128)
+    card = model_card(cfg)
+    assert card["stem"] == "conv stem [32, 64, 128] + 1x1"
+    assert parameter_counts(cfg)[0] == sum(p.numel() for p in model.parameters())
+    # a new resolution keeps the stem's weights and follows the grid: 35 px -> 18 -> 9 -> 5, 5 x 5 tokens
+    bigger = VisionTransformer(dataclasses.replace(cfg, image_size=35))
+    bigger.patch_embed.load_state_dict(model.patch_embed.state_dict())
+    assert bigger.embed(torch.randn(1, 1, 35, 35)).shape == (1, 25, 128)
+    with pytest.raises(VmoeError, match="56 px into a 7-token side, not 8"):  # the stem's stride is 8, not 7
+        dataclasses.replace(cfg, image_size=56).validate()
+
+
+def test_conv_stem_refuses_a_grid_it_cannot_make():
+    # 224 px at patch 14 is a 16-token side, but 4 stride-2 convs give 14
+    with pytest.raises(VmoeError, match="model.stem=conv"):
+        ModelConfig(variant="S/14", image_size=224, stem="conv").validate()
+    ModelConfig(variant="S/16", image_size=224, stem="conv").validate()
 
 
 def test_parameter_counts():

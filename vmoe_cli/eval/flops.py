@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vmoe_cli.models.config import ModelConfig
+from vmoe_cli.models.config import ModelConfig, conv_stem_channels
 from vmoe_cli.models.routing import capacity
 from vmoe_cli.models.vit import VisionTransformer
 
@@ -30,8 +30,7 @@ def flops_per_image(cfg: ModelConfig, batch: int | None = None) -> float:
     """
     depth, D, H, _, patch = cfg.sizes()
     N = cfg.tokens_per_image
-    patches = (cfg.image_size // patch) ** 2
-    total = 2 * patches * (patch * patch * cfg.channels) * D  # patch embedding
+    total = stem_flops(cfg)
     attention = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D  # qkv, scores and values, out
     moe_layers = set(cfg.moe_layers())
     for i in range(depth):
@@ -61,6 +60,20 @@ def flops_per_image(cfg: ModelConfig, batch: int | None = None) -> float:
     return total
 
 
+def stem_flops(cfg: ModelConfig) -> float:
+    """Matmul FLOPs per image of turning pixels into tokens: the patch conv, or each conv of the conv stem."""
+    _, D, _, _, patch = cfg.sizes()
+    grid = cfg.image_size // patch
+    if cfg.stem == "patch":
+        return 2 * grid * grid * (patch * patch * cfg.channels) * D
+    total, side, channels = 0, cfg.image_size, cfg.channels
+    for out in conv_stem_channels(D, patch):
+        side = (side + 1) // 2
+        total += 2 * side * side * (3 * 3 * channels) * out
+        channels = out
+    return total + 2 * grid * grid * channels * D  # the 1x1 conv to D
+
+
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(total parameters, parameters a token uses): experts it is not routed to do not count.
 
@@ -87,6 +100,7 @@ def model_card(cfg: ModelConfig) -> dict[str, object]:
         "variant": cfg.variant,
         "blocks x width x MLP x heads": f"{depth} x {width} x {mlp_dim} x {heads}",
         "image / patch / tokens per image": f"{cfg.image_size} / {patch} / {cfg.tokens_per_image}",
+        "stem": "patchify conv" if cfg.stem == "patch" else f"conv stem {conv_stem_channels(width, patch)} + 1x1",
         "pooling / representation": f"{cfg.pool} / {cfg.representation_size or 'none'}",
         "classes": cfg.num_classes,
         "total parameters": total,

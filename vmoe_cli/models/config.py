@@ -6,6 +6,7 @@ and rejects unknown keys, so the field names here are the recipe's vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,6 +113,9 @@ class ModelConfig:
     channels: int = 3  # input channels
     num_classes: int = 1000  # head outputs; 0 = no head (features only)
     pool: Literal["cls", "gap"] = "cls"  # CLS token, or mean of the patch tokens
+    # how images become tokens: one P x P patchify conv (ViT), or early convolutions (Xiao et al. 2021):
+    # ceil(log2 P) 3x3 stride-2 convs with GELU, channels doubling up to D, then a 1x1 conv; same token grid
+    stem: Literal["patch", "conv"] = "patch"
     representation_size: int | None = None  # pre-logits Dense+tanh width; null = none
     depth: int | None = None  # override the variant's number of blocks
     width: int | None = None  # override the variant's token width D
@@ -150,8 +154,28 @@ class ModelConfig:
             raise VmoeError(f"model.image_size={self.image_size} is not a multiple of the patch size {patch}")
         if width % heads:
             raise VmoeError(f"model width {width} is not divisible by heads={heads}")
+        if self.stem == "conv" and conv_stem_grid(self.image_size, patch) != self.image_size // patch:
+            raise VmoeError(
+                f"model.stem=conv: {len(conv_stem_channels(width, patch))} stride-2 convs turn {self.image_size} px "
+                f"into a {conv_stem_grid(self.image_size, patch)}-token side, not {self.image_size // patch}; "
+                "use a power-of-2 patch or stem=patch"
+            )
         if self.moe is not None:
             self.moe.validate(depth)
+
+
+def conv_stem_channels(width: int, patch: int) -> list[int]:
+    """Output channels of the conv stem's stride-2 convs: ceil(log2 P) of them, doubling up to `width`."""
+    n = max(1, math.ceil(math.log2(patch)))
+    return [max(1, width >> (n - 1 - i)) for i in range(n)]
+
+
+def conv_stem_grid(image_size: int, patch: int) -> int:
+    """Token grid side after the conv stem: each 3x3 stride-2 conv (padding 1) takes side s to ceil(s / 2)."""
+    side = image_size
+    for _ in conv_stem_channels(1, patch):
+        side = (side + 1) // 2
+    return side
 
 
 def moe_layer_indices(spec: str | list[int], depth: int) -> list[int]:

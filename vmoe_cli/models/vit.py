@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmoe_cli.models.config import ModelConfig
+from vmoe_cli.models.config import ModelConfig, conv_stem_channels
 from vmoe_cli.models.moe import MoEMlp, SoftMoEMlp
 from vmoe_cli.models.routing import PerImageRouter, RouterOutput
 
@@ -52,6 +52,25 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.dropout(F.gelu(self.fc1(x), approximate=self.approximate))
         return self.dropout(self.fc2(h))
+
+
+class ConvStem(nn.Module):
+    """Early convolutions instead of patchify (Xiao et al. 2021): 3x3 stride-2 convs with GELU, then 1x1 to D.
+
+    It gives the same `[B, D, h, w]` grid as the P x P patch conv; local non-linear features help a ViT train
+    faster on small data.
+    """
+
+    def __init__(self, channels: int, dim: int, patch: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for out in conv_stem_channels(dim, patch):
+            layers += [nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1), nn.GELU()]
+            channels = out
+        self.convs = nn.Sequential(*layers, nn.Conv2d(channels, dim, kernel_size=1))
+
+    def forward(self, images_BCHW: Tensor) -> Tensor:
+        return self.convs(images_BCHW)
 
 
 class Block(nn.Module):
@@ -98,7 +117,10 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         depth, dim, _, _, patch = cfg.sizes()
         grid = cfg.image_size // patch
-        self.patch_embed = nn.Conv2d(cfg.channels, dim, kernel_size=patch, stride=patch)
+        if cfg.stem == "conv":
+            self.patch_embed: nn.Module = ConvStem(cfg.channels, dim, patch)
+        else:
+            self.patch_embed = nn.Conv2d(cfg.channels, dim, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + (cfg.pool == "cls"), dim) * 0.02)
         moe_layers = cfg.moe_layers()
@@ -116,10 +138,11 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """JAX ViT init: lecun-normal patch embedding, xavier Linear kernels, zero head."""
-        fan_in = self.patch_embed.weight[0].numel()
-        nn.init.trunc_normal_(self.patch_embed.weight, std=(1.0 / fan_in) ** 0.5)
-        nn.init.zeros_(self.patch_embed.bias)
+        """JAX ViT init: lecun-normal patch embedding (every stem conv), xavier Linear kernels, zero head."""
+        for module in self.patch_embed.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.trunc_normal_(module.weight, std=(1.0 / module.weight[0].numel()) ** 0.5)
+                nn.init.zeros_(module.bias)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module is not self.head:
                 nn.init.xavier_uniform_(module.weight)
