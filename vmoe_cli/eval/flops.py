@@ -11,16 +11,13 @@ from __future__ import annotations
 import torch
 
 from vmoe_cli.models.config import ModelConfig, conv_stem_channels
-from vmoe_cli.models.routing import capacity
+from vmoe_cli.models.routing import group_capacity
 from vmoe_cli.models.vit import VisionTransformer
 
 
 def moe_capacity(cfg: ModelConfig, batch: int | None = None) -> int:
     """C per expert per group for the groups a batch of `batch` images is cut into (default: the recipe's)."""
-    moe = cfg.moe
-    group_tokens = moe.group_tokens(batch, cfg.tokens_per_image)
-    to_place = group_tokens * moe.k if moe.is_token_choice else group_tokens  # expert choice: once each
-    return capacity(to_place, moe.num_experts, moe.capacity_factor, moe.capacity, moe.capacity_multiple)
+    return group_capacity(cfg.moe, cfg.moe.group_tokens(batch, cfg.tokens_per_image))
 
 
 def flops_per_image(cfg: ModelConfig, batch: int | None = None) -> float:

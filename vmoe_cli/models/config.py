@@ -154,26 +154,31 @@ class ModelConfig:
             raise VmoeError(f"model.image_size={self.image_size} is not a multiple of the patch size {patch}")
         if width % heads:
             raise VmoeError(f"model width {width} is not divisible by heads={heads}")
-        if self.stem == "conv" and conv_stem_grid(self.image_size, patch) != self.image_size // patch:
+        side = conv_stem_grid(self.image_size, patch)
+        if self.stem == "conv" and side != self.image_size // patch:
             raise VmoeError(
-                f"model.stem=conv: {len(conv_stem_channels(width, patch))} stride-2 convs turn {self.image_size} px "
-                f"into a {conv_stem_grid(self.image_size, patch)}-token side, not {self.image_size // patch}; "
-                "use a power-of-2 patch or stem=patch"
+                f"model.stem=conv: {conv_stem_depth(patch)} stride-2 convs turn {self.image_size} px into a "
+                f"{side}-token side, not {self.image_size // patch}; use a power-of-2 patch or stem=patch"
             )
         if self.moe is not None:
             self.moe.validate(depth)
 
 
+def conv_stem_depth(patch: int) -> int:
+    """Stride-2 convs of the conv stem for patch size P: ceil(log2 P), at least one."""
+    return max(1, math.ceil(math.log2(patch)))
+
+
 def conv_stem_channels(width: int, patch: int) -> list[int]:
-    """Output channels of the conv stem's stride-2 convs: ceil(log2 P) of them, doubling up to `width`."""
-    n = max(1, math.ceil(math.log2(patch)))
+    """Output channels of the conv stem's stride-2 convs, doubling up to `width`."""
+    n = conv_stem_depth(patch)
     return [max(1, width >> (n - 1 - i)) for i in range(n)]
 
 
 def conv_stem_grid(image_size: int, patch: int) -> int:
     """Token grid side after the conv stem: each 3x3 stride-2 conv (padding 1) takes side s to ceil(s / 2)."""
     side = image_size
-    for _ in conv_stem_channels(1, patch):
+    for _ in range(conv_stem_depth(patch)):
         side = (side + 1) // 2
     return side
 

@@ -44,6 +44,12 @@ def capacity(
     return c
 
 
+def group_capacity(cfg: MoEConfig, group_tokens: int) -> int:
+    """C per expert for a routing group of S tokens: token choice places S x K choices, expert choice S tokens."""
+    to_place = group_tokens * cfg.k if cfg.is_token_choice else group_tokens
+    return capacity(to_place, cfg.num_experts, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+
+
 @dataclass
 class Plan:
     """A routing plan for one MoE layer (see the module docstring)."""
@@ -175,10 +181,7 @@ class ExpertChoiceRouter(LinearRouter):
     """Softmax expert choice (Zhou et al. 2022, as in "Routers in Vision MoE"): experts pick tokens, no aux loss."""
 
     def forward(self, x_GSD: Tensor) -> RouterOutput:
-        cfg = self.cfg
-        G, S, _ = x_GSD.shape
-        E = cfg.num_experts
-        C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+        C = group_capacity(self.cfg, x_GSD.shape[1])
         logits_GSE = self.noisy_logits(x_GSD)
         plan = expert_choice_plan(logits_GSE.softmax(dim=-1), C)
         return RouterOutput(plan, logits_GSE.new_zeros(()), _expert_choice_metrics(plan), logits_GSE)
@@ -215,7 +218,7 @@ class TokenChoiceRouter(LinearRouter):
         cfg = self.cfg
         G, S, _ = x_GSD.shape
         E, K = cfg.num_experts, cfg.k
-        C = capacity(S * K, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+        C = group_capacity(cfg, S)
 
         logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
         noisy = self.training and cfg.noise_std > 0
@@ -261,17 +264,14 @@ class SinkhornRouter(LinearRouter):
 
     def forward(self, x_GSD: Tensor) -> RouterOutput:
         cfg = self.cfg
-        G, S, _ = x_GSD.shape
-        E = cfg.num_experts
+        C = group_capacity(cfg, x_GSD.shape[1])
         logits_GSE = self.noisy_logits(x_GSD)
         plan_GSE = sinkhorn_plan(logits_GSE)
         gates_GSE = logits_GSE.softmax(dim=-1)
         if not cfg.is_token_choice:
-            C = capacity(S, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
             plan = expert_choice_plan(plan_GSE, C)
             plan.weight_GSK = gates_GSE
             return RouterOutput(plan, logits_GSE.new_zeros(()), _expert_choice_metrics(plan), logits_GSE)
-        C = capacity(S * cfg.k, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
         plan, seen_GE = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
         plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
         return RouterOutput(plan, logits_GSE.new_zeros(()), _token_choice_metrics(plan, seen_GE), logits_GSE)
@@ -296,7 +296,7 @@ def route_images(logits_BE: Tensor, tokens_per_image: int, group_tokens: int, cf
     """
     E, K = cfg.num_experts, cfg.k
     gates_GSE = logits_BE.softmax(dim=-1).repeat_interleave(tokens_per_image, dim=0).view(-1, group_tokens, E)
-    C = capacity(group_tokens * K, E, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+    C = group_capacity(cfg, group_tokens)
     plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
     return RouterOutput(plan, logits_BE.new_zeros(()), _token_choice_metrics(plan, seen_GE), logits_BE[None])
 

@@ -91,13 +91,11 @@ class Block(nn.Module):
 
     def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
         x_BND = x_BND + self.attn(self.norm1(x_BND))
-        if isinstance(self.mlp, MoEMlp):
-            out = self.mlp(self.norm2(x_BND), image_logits_BE)
-            return x_BND + out.y, out.routing
-        out = self.mlp(self.norm2(x_BND))
-        if isinstance(self.mlp, SoftMoEMlp):
-            return x_BND + out.y, out.routing
-        return x_BND + out, None
+        h_BND = self.norm2(x_BND)
+        if isinstance(self.mlp, Mlp):
+            return x_BND + self.mlp(h_BND), None
+        out = self.mlp(h_BND, image_logits_BE) if isinstance(self.mlp, MoEMlp) else self.mlp(h_BND)
+        return x_BND + out.y, out.routing
 
 
 @dataclass
