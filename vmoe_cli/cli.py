@@ -564,13 +564,18 @@ def _positive_float(text: str, option: str) -> float:
 
 
 def _run_training(run: Callable[[], dict], out_dir: Path) -> None:
-    """Run a training function; one line on Ctrl-C, the final evaluation on rank 0."""
+    """Run a training function; one line on Ctrl-C, the final evaluation on rank 0, the process group closed."""
+    import torch.distributed as dist
+
     start = time.perf_counter()
     try:
         result = run()
     except KeyboardInterrupt:
         click.echo(f"interrupted: continue with --out {out_dir} --resume latest", err=True)
         raise SystemExit(130) from None
+    finally:  # torchrun: an orderly end; gloo aborts a process whose group is torn down at interpreter exit
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if result and int(os.environ.get("RANK", "0")) == 0:
         click.echo(
             f"{out_dir}: step {result['step']}, eval top-1 {result['eval_top1']:.4f} "
