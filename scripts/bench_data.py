@@ -4,7 +4,8 @@ Sharding: the vmoe writer against a naive single-process loop over `webdataset.S
 (Pillow PNG encode + write per image), same source, same shard size, in this one run.
 Loading: the vmoe loader over the written shards with 0, 1 and 2 DataLoader workers, in
 training mode (decode + random-resized crop + flip + RandAugment(2, 9), resampled) and in
-evaluation mode (decode + resize), against a stock `webdataset.WebDataset(...).decode()` loop.
+evaluation mode (decode + resize), against a stock `webdataset.WebDataset(...).decode()` loop; then
+training again with `cache=True` (the split decoded once into memory, timed apart, then read from there).
 Throughput counts decoded, augmented images delivered to the caller, worker start-up included.
 Whether loading outpaces training is judged against the training step rate of the tiny
 Fashion-MNIST V-MoE recipe (forward + backward + AdamW step, batch 128, all threads), measured last.
@@ -73,7 +74,9 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def load_rate(shards: Path, split: str, train: bool, workers: int, images: int, channels: int, size: int) -> float:
+def load_rate(
+    shards: Path, split: str, train: bool, workers: int, images: int, channels: int, size: int, cache: bool = False
+) -> float:
     """Images/s of the vmoe loader over up to `images` images of `split`."""
     count = json.loads((shards / "manifest.json").read_text())["splits"][split]["count"]
     batch = 128
@@ -88,6 +91,7 @@ def load_rate(shards: Path, split: str, train: bool, workers: int, images: int, 
         augment=TRAIN_AUGMENT if train else None,
         resampled=train,
         epoch_images=min(images, count) if train else None,
+        cache=cache,
     )
     start, seen = time.perf_counter(), 0
     for x, _ in loader:
@@ -168,6 +172,11 @@ def main() -> None:
                 rate = load_rate(vmoe_dir, split, train, workers, args.images, 1, args.size)
                 name = f"vmoe {'train (crop, flip, RandAugment 2/9)' if train else 'eval (resize)'}, {workers} workers"
                 print(f"{name:<50} {rate:>10.0f} {rate / stock:>8.2f}x")
+        fill, _ = timed(lambda: load_rate(vmoe_dir, "train", True, 0, 1, 1, args.size, cache=True))
+        print(f"{'decode the train split into the cache (once)':<50} {fill:>9.1f}s")
+        for workers in (0, 1, 2):
+            rate = load_rate(vmoe_dir, "train", True, workers, args.images, 1, args.size, cache=True)
+            print(f"{f'vmoe train, cached, {workers} workers':<50} {rate:>10.0f} {rate / stock:>8.2f}x")
     torch.set_num_threads(threads)
     rate = train_rate(args.recipe)
     print(f"\n{'training step of ' + args.recipe + ', batch 128':<50} {rate:>10.0f} images/s")

@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, mixup
-from vmoe_cli.data.loader import build_loader, decode_image, read_manifest
+from vmoe_cli.data.loader import _decoded_shard, build_loader, decode_image, read_manifest
 from vmoe_cli.errors import VmoeError
 
 SIZE = 8
@@ -141,6 +141,45 @@ def test_resume_replays_the_same_batches(tmp_path):
     assert len(full) == 14 and len(resumed) == len(full) - 3
     for (x, y), (rx, ry) in zip(full[3:], resumed, strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, workers):
+    """`cache=True`: the batches of an uncached loader, train (augmented, resumed) and eval; tars read once."""
+    write_shards(tmp_path, {"train": [9, 7, 8, 6], "test": [5, 6]}, channels=3)
+    augment = AugmentConfig(crop_scale=[0.3, 1.0], flip=True, randaugment_ops=2, randaugment_magnitude=9)
+
+    def batches(split: str, cache: bool, epoch: int = 1, start_batch: int = 0) -> list[tuple[torch.Tensor, ...]]:
+        train = split == "train"
+        return list(
+            build_loader(
+                tmp_path, split, batch_size=2, image_size=6, channels=3, train=train, workers=workers, seed=3,
+                epoch=epoch, augment=augment, start_batch=start_batch, cache=cache,
+            )
+        )  # fmt: skip
+
+    _decoded_shard.cache_clear()
+    for split, epoch, start in (("train", 1, 0), ("train", 2, 3), ("test", 0, 0)):
+        plain, cached = batches(split, False, epoch, start), batches(split, True, epoch, start)
+        assert len(plain) == len(cached) > 0
+        for (x, y), (cx, cy) in zip(plain, cached, strict=True):
+            assert torch.equal(x, cx) and torch.equal(y, cy)
+    assert _decoded_shard.cache_info().misses == 6  # 4 train + 2 test shards, decoded once each
+    assert _decoded_shard.cache_info().hits == 4  # the second train epoch
+
+
+def test_cache_rereads_a_rewritten_shard(tmp_path):
+    """A shard re-written in place (new size or mtime) is decoded again, never served stale."""
+    first = write_shards(tmp_path, {"test": [4]}, seed=0)["test"]
+
+    def pixels() -> torch.Tensor:
+        loader = build_loader(tmp_path, "test", batch_size=4, image_size=SIZE, channels=1, train=False, raw=True,
+                              cache=True)  # fmt: skip
+        return torch.cat([x for x, _ in loader])[:, 0]
+
+    assert torch.equal(pixels(), torch.from_numpy(first))
+    second = write_shards(tmp_path, {"test": [4]}, seed=1)["test"]
+    assert torch.equal(pixels(), torch.from_numpy(second))
 
 
 def test_round_trip_pixels_and_labels_exact(tmp_path):

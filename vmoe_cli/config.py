@@ -38,6 +38,7 @@ class DataConfig:
     train_split: str = "train"  # split trained on
     eval_split: str = "test"  # split evaluated on ('minival' for sources without a test split)
     workers: int = 0  # DataLoader worker processes per rank; 0 reads in the training process
+    cache: bool = False  # decode the splits once and keep the pixels in RAM (small datasets): same batches, faster
     resampled: bool = False  # draw shards with replacement (epochs of `epoch_images`); needs no shards >= ranks
     epoch_images: int | None = None  # epoch length in resampled mode; null = the split's size
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation and mixup alpha

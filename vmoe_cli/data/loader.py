@@ -11,6 +11,12 @@ alone, so all ranks agree on every count without talking to each other:
   resampled  every slot draws shards with replacement, seeded by (seed, epoch, rank, worker); the epoch
              is `epoch_images` long.
 
+With `cache=True` the loader first reads and decodes the whole split once, in the calling process, and keeps
+the uint8 pixels in memory for the rest of the process (keyed by each shard's path, size and mtime); workers
+then read samples from memory instead of tar files. Samples, order and augmentation are unchanged, so a run
+gives the same batches with or without it: the cache removes tar parsing and PNG decoding (~90% of a worker's
+CPU on 28 px images) from every later epoch. It is for splits that fit in RAM (each process holds one copy).
+
 Batches are formed inside the workers and a torch DataLoader (batch_size=None) hands them out round-robin
 over workers, skipping a worker once it is exhausted. That order is planned here (`_schedule`), so each
 worker knows which of its batches the epoch uses: in training every rank yields the same `steps` batches,
@@ -24,13 +30,14 @@ split the stream a second time and silently lose samples (DESIGN.md section 4).
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
 import math
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +110,7 @@ class _Plan:
     first: list[int]  # per logical worker: index of its first batch to yield (resume)
     stop: list[int]  # per logical worker: how many of its batches this epoch uses
     offset: int  # logical worker of DataLoader worker i is (i + offset) % workers
+    cache: dict[str, tuple[dict[str, Any], ...]] | None  # shard file -> decoded samples; None reads the tars
 
 
 class Loader:
@@ -156,12 +164,14 @@ def build_loader(
     mean: float | Sequence[float] = 0.5,
     std: float | Sequence[float] = 0.5,
     raw: bool = False,
+    cache: bool = False,
 ) -> Loader:
     """The loader of `split` for one rank and epoch (see the module docstring for who reads what).
 
     `workers` DataLoader processes (0 or 1 read in this process); `augment` applies in training only (eval
     resizes only); `epoch_images` is the epoch length of resampled mode (default: the split's size);
-    `start_batch` resumes an epoch; pixels become `(x / 255 - mean) / std` per channel.
+    `start_batch` resumes an epoch; pixels become `(x / 255 - mean) / std` per channel; `cache` keeps the
+    decoded split in memory for later loaders of this process.
     """
     manifest = read_manifest(shard_dir)
     splits = manifest.get("splits", {})
@@ -204,6 +214,9 @@ def build_loader(
         raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
 
     schedule = _schedule(per_worker, steps)
+    decoded = None
+    if cache:  # filled on the first call for this split, reused by every later loader of this process
+        decoded = {f: _decoded_shard(str(shard_dir), f, n, channels, _stamp(Path(shard_dir, f))) for f, n in shards}
     plan = _Plan(
         shard_dir=Path(shard_dir),
         shards=shards,
@@ -224,6 +237,7 @@ def build_loader(
         first=[schedule[:start_batch].count(w) for w in range(slots)],
         stop=[schedule.count(w) for w in range(slots)],
         offset=schedule[start_batch] if start_batch < steps else 0,
+        cache=decoded,
     )
     return Loader(plan, steps, start_batch, _per_channel(mean, channels), _per_channel(std, channels), raw)
 
@@ -321,10 +335,8 @@ class _Stream(IterableDataset):
 
     def _image(self, sample: dict[str, Any], worker: int, n: int) -> torch.Tensor:
         p = self.plan
-        try:
-            img = _open(sample["image"], p.channels)
-        except Exception as e:
-            raise VmoeError(f"{sample['shard']}: sample {sample['key']}: unreadable image ({e}); re-shard") from None
+        pixels = sample["image"]
+        img = Image.fromarray(pixels) if isinstance(pixels, np.ndarray) else _decode(sample, p.channels)
         if p.train:
             rng = random.Random(f"augment:{p.seed}:{p.epoch}:{p.rank}:{worker}:{n}")
             img = augment_image(img, p.image_size, p.augment, rng)
@@ -337,7 +349,7 @@ class _Stream(IterableDataset):
         p = self.plan
         if not p.train:
             start, end = _eval_range(sum(c for _, c in p.shards), p.rank, p.world_size)
-            for i, sample in enumerate(_read_range(p.shard_dir, p.shards, start, end)):
+            for i, sample in enumerate(self._read_range(start, end)):
                 if (i // p.batch_size) % p.workers == worker:  # this worker's batches; the rest stay undecoded
                     yield sample
             return
@@ -348,8 +360,23 @@ class _Stream(IterableDataset):
             files = iter(
                 _train_shards(_shard_order(len(p.shards), p.seed, p.epoch), p.rank, p.world_size, worker, p.workers)
             )
-        samples = (s for i in files for s in _read_shard(p.shard_dir, *p.shards[i]))
+        samples = (s for i in files for s in self._read(*p.shards[i]))
         yield from _shuffle(samples, p.shuffle_buffer, rng)
+
+    def _read(self, file: str, count: int) -> Iterable[dict[str, Any]]:
+        """The samples of one shard: from the cache when there is one, else from its tar file."""
+        p = self.plan
+        return p.cache[file] if p.cache is not None else _read_shard(p.shard_dir, file, count)
+
+    def _read_range(self, start: int, end: int) -> Iterator[dict[str, Any]]:
+        """Samples [start, end) of the split in manifest order, opening only the shards that hold them."""
+        first = 0
+        for file, count in self.plan.shards:
+            if first < end and start < first + count:
+                for n, sample in enumerate(self._read(file, count), first):
+                    if start <= n < end:
+                        yield sample
+            first += count
 
 
 def _shuffle(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -366,15 +393,32 @@ def _shuffle(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -
     yield from buffer
 
 
-def _read_range(shard_dir: Path, shards: list[tuple[str, int]], start: int, end: int) -> Iterator[dict[str, Any]]:
-    """Samples [start, end) of the split in manifest order, opening only the shards that hold them."""
-    first = 0
-    for file, count in shards:
-        if first < end and start < first + count:
-            for n, sample in enumerate(_read_shard(shard_dir, file, count), first):
-                if start <= n < end:
-                    yield sample
-        first += count
+def _decode(sample: dict[str, Any], channels: int) -> Image.Image:
+    try:
+        return _open(sample["image"], channels)
+    except Exception as e:
+        raise VmoeError(f"{sample['shard']}: sample {sample['key']}: unreadable image ({e}); re-shard") from None
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime): a re-written shard gets a new cache entry."""
+    try:
+        stat = path.stat()
+    except OSError:
+        raise VmoeError(f"{path}: shard listed in {MANIFEST} is missing; re-run `vmoe shard`") from None
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.cache
+def _decoded_shard(
+    shard_dir: str, file: str, count: int, channels: int, stamp: tuple[int, int]
+) -> tuple[dict[str, Any], ...]:
+    """Every sample of one shard, its image decoded to uint8 pixels [H, W] or [H, W, 3]: the `cache` memo.
+
+    `stamp` (the file's size and mtime) is only part of the memo's key.
+    """
+    samples = _read_shard(Path(shard_dir), file, count)
+    return tuple({**s, "image": np.asarray(_decode(s, channels), dtype=np.uint8)} for s in samples)
 
 
 def _read_shard(shard_dir: Path, file: str, count: int) -> Iterator[dict[str, Any]]:

@@ -175,7 +175,7 @@ def evaluate(
     loader = build_loader(
         data.shards, data.eval_split, batch_size=batch_size, image_size=recipe.model.image_size,
         channels=recipe.model.channels, train=False, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, workers=data.workers, mean=data.mean, std=data.std,
+        world_size=accelerator.num_processes, workers=data.workers, mean=data.mean, std=data.std, cache=data.cache,
     )  # fmt: skip
     model.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=accelerator.device)  # correct, total
@@ -242,7 +242,7 @@ def _train_loader(
         channels=recipe.model.channels, train=True, rank=accelerator.process_index,
         world_size=accelerator.num_processes, workers=data.workers, seed=cfg.seed, epoch=epoch,
         augment=data.augment, resampled=data.resampled, epoch_images=data.epoch_images, start_batch=start,
-        mean=data.mean, std=data.std,
+        mean=data.mean, std=data.std, cache=data.cache,
     )  # fmt: skip
 
 
