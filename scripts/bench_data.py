@@ -172,7 +172,7 @@ def main() -> None:
                 rate = load_rate(vmoe_dir, split, train, workers, args.images, 1, args.size)
                 name = f"vmoe {'train (crop, flip, RandAugment 2/9)' if train else 'eval (resize)'}, {workers} workers"
                 print(f"{name:<50} {rate:>10.0f} {rate / stock:>8.2f}x")
-        fill, _ = timed(lambda: load_rate(vmoe_dir, "train", True, 0, 1, 1, args.size, cache=True))
+        fill, _ = timed(lambda: load_rate(vmoe_dir, "train", True, 0, 128, 1, args.size, cache=True))
         print(f"{'decode the train split into the cache (once)':<50} {fill:>9.1f}s")
         for workers in (0, 1, 2):
             rate = load_rate(vmoe_dir, "train", True, workers, args.images, 1, args.size, cache=True)
