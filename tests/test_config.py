@@ -81,7 +81,9 @@ def test_paper_and_tiny_recipes_have_the_stated_settings():
     fmnist = load_recipe(RECIPES / "fmnist-vmoe.yaml").model
     assert fmnist.moe_layers() == [3, 5]
     conv, conv_dense = (load_recipe(RECIPES / f"fmnist-conv-{name}.yaml") for name in ("vmoe", "vit"))
-    assert conv.model == dataclasses.replace(fmnist, stem="conv")  # only the stem and the budget differ
+    every2 = dataclasses.replace(fmnist.moe, layers="every-2")
+    assert conv.model == dataclasses.replace(fmnist, stem="conv", moe=every2)  # stem, MoE blocks, budget differ
+    assert conv.model.moe_layers() == [1, 3, 5]
     assert conv_dense.model == dataclasses.replace(conv.model, moe=None)
     assert conv.train == conv_dense.train and conv.train.steps == 5600
 

@@ -143,6 +143,17 @@ def test_resume_replays_the_same_batches(tmp_path):
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
+def test_one_worker_process_gives_the_batches_of_none(tmp_path):
+    """workers=1 reads in a DataLoader process, workers=0 in this one: one stream, the same batches."""
+    write_shards(tmp_path, {"train": [9, 7]})
+    augment = AugmentConfig(crop_scale=[0.3, 1.0], flip=True)
+    options = {"batch_size": 2, "image_size": 6, "channels": 1, "train": True, "seed": 1, "augment": augment}
+    runs = [list(build_loader(tmp_path, "train", workers=workers, **options)) for workers in (0, 1)]
+    assert len(runs[0]) == len(runs[1]) == 8
+    for (x, y), (x1, y1) in zip(*runs, strict=True):
+        assert torch.equal(x, x1) and torch.equal(y, y1)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, workers):
     """`cache=True`: the batches of an uncached loader, train (augmented, resumed) and eval; tars read once."""
