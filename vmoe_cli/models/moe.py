@@ -51,9 +51,9 @@ def combine(out_ECD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
     E, GC, D = out_ECD.shape
     G, S, K = row_GSK.shape
     rows = out_ECD.reshape(E * GC, D).index_select(0, row_GSK.clamp(max=E * GC - 1).flatten())
-    weight_GSK = (plan.weight_GSK * plan.kept_GSK).to(rows.dtype)
-    y_GSD = torch.einsum("gsk,gskd->gsd", weight_GSK, rows.view(G, S, K, D))
-    return y_GSD
+    weight_GSK1 = (plan.weight_GSK * plan.kept_GSK).to(rows.dtype).unsqueeze(-1)
+    # A product and a sum over K, not einsum: that would be G*S batched 1 x K x D matmuls (2x slower on CPU).
+    return (weight_GSK1 * rows.view(G, S, K, D)).sum(dim=2)
 
 
 class Experts(nn.Module):
