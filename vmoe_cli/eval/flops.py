@@ -41,10 +41,7 @@ def flops_per_image(cfg: ModelConfig, batch: int | None = None) -> float:
             slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, batch) / images
             if cfg.moe.router != "per_image":  # the per-image router is counted once, below
                 total += 2 * N * D * cfg.moe.num_experts  # router
-            total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot
-            choices = cfg.moe.k if cfg.moe.is_token_choice else cfg.moe.num_experts  # expert choice: E
-            if choices > 1:  # combine: a batched matmul summing the weighted outputs (1 choice: a multiply)
-                total += 2 * N * choices * D
+            total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot; combine is elementwise
         else:
             total += 2 * 2 * N * D * H
     if cfg.moe is not None and cfg.moe.router == "per_image":
