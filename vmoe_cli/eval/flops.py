@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vmoe_cli.models.config import ModelConfig, conv_stem_channels
+from vmoe_cli.models.config import ModelConfig, conv_stem_channels, conv_stem_sides
 from vmoe_cli.models.routing import group_capacity
 from vmoe_cli.models.vit import VisionTransformer
 
@@ -60,9 +60,8 @@ def stem_flops(cfg: ModelConfig) -> float:
     grid = cfg.image_size // patch
     if cfg.stem == "patch":
         return 2 * grid * grid * (patch * patch * cfg.channels) * D
-    total, side, channels = 0, cfg.image_size, cfg.channels
-    for out in conv_stem_channels(D, patch):
-        side = (side + 1) // 2
+    total, channels = 0, cfg.channels
+    for out, side in zip(conv_stem_channels(D, patch), conv_stem_sides(cfg.image_size, patch), strict=True):
         total += 2 * side * side * (3 * 3 * channels) * out
         channels = out
     return total + 2 * grid * grid * channels * D  # the 1x1 conv to D

@@ -154,8 +154,8 @@ class ModelConfig:
             raise VmoeError(f"model.image_size={self.image_size} is not a multiple of the patch size {patch}")
         if width % heads:
             raise VmoeError(f"model width {width} is not divisible by heads={heads}")
-        side = conv_stem_grid(self.image_size, patch)
-        if self.stem == "conv" and side != self.image_size // patch:
+        side = conv_stem_sides(self.image_size, patch)[-1] if self.stem == "conv" else self.image_size // patch
+        if side != self.image_size // patch:
             raise VmoeError(
                 f"model.stem=conv: {conv_stem_depth(patch)} stride-2 convs turn {self.image_size} px into a "
                 f"{side}-token side, not {self.image_size // patch}; use a power-of-2 patch or stem=patch"
@@ -175,12 +175,12 @@ def conv_stem_channels(width: int, patch: int) -> list[int]:
     return [max(1, width >> (n - 1 - i)) for i in range(n)]
 
 
-def conv_stem_grid(image_size: int, patch: int) -> int:
-    """Token grid side after the conv stem: each 3x3 stride-2 conv (padding 1) takes side s to ceil(s / 2)."""
-    side = image_size
+def conv_stem_sides(image_size: int, patch: int) -> list[int]:
+    """Image side after each stride-2 conv of the conv stem (3x3, padding 1: s -> ceil(s / 2)); the last is the grid."""
+    sides = [image_size]
     for _ in range(conv_stem_depth(patch)):
-        side = (side + 1) // 2
-    return side
+        sides.append((sides[-1] + 1) // 2)
+    return sides[1:]
 
 
 def moe_layer_indices(spec: str | list[int], depth: int) -> list[int]:
