@@ -9,9 +9,10 @@ steps each, every round times a block of `--block` steps per model; the figures 
 The FLOP ratio is the ratio of analytic forward FLOPs per image (vmoe_cli.eval.flops.flops_per_image, with
 the images per routing group this batch gets); a training step costs about 3x the forward pass for either
 model, so it is also the training FLOP ratio. Target (DESIGN.md section 6): time ratio within 10% of it.
+Like `vmoe`, the script first has glibc keep freed memory (vmoe_cli/allocator.py); `--glibc-malloc` does not.
 
 Usage:  python scripts/bench_train.py [--recipe recipes/fmnist-vmoe.yaml] [--dense RECIPE] [--set KEY=VALUE ...]
-            [--batch 128] [--device cpu|cuda] [--warmup 3] [--rounds 5] [--block 3]
+            [--batch 128] [--device cpu|cuda] [--warmup 3] [--rounds 5] [--block 3] [--glibc-malloc]
 A ViT-S width case:  --recipe recipes/vmoe-vit-s16-every2.yaml --set model.depth=2 --batch 16
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vmoe_cli.allocator import keep_freed_memory
 from vmoe_cli.config import load_recipe
 from vmoe_cli.eval.flops import flops_per_image
 from vmoe_cli.models.config import ModelConfig
@@ -78,7 +80,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=3, help="timed steps per model per round")
+    parser.add_argument("--glibc-malloc", action="store_true", help="leave malloc as it is, unlike `vmoe`")
     args = parser.parse_args()
+    kept = not args.glibc_malloc and keep_freed_memory()
 
     moe = load_recipe(args.recipe, args.overrides).model
     dense = load_recipe(args.dense or args.recipe, [*args.overrides, "model.moe=null"]).model
@@ -95,7 +99,8 @@ def main() -> None:
     print(
         f"{args.recipe}: {depth} blocks, width {width}, MLP {hidden}, MoE blocks {moe.moe_layers()}, "
         f"E={moe.moe.num_experts}, K={moe.moe.k}, cf={moe.moe.capacity_factor}, {moe.image_size} px / {patch}, "
-        f"batch {args.batch} ({per_group} images per group), {args.device}, {torch.get_num_threads()} threads"
+        f"batch {args.batch} ({per_group} images per group), {args.device}, {torch.get_num_threads()} threads, "
+        f"freed memory {'kept' if kept else 'returned to the OS'}"
     )
     print("| model | images/s | ms / step | forward GFLOPs / image |")
     print("|---|---:|---:|---:|")

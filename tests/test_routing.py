@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import reference_slots
 
 from vmoe_cli.errors import VmoeError
@@ -119,16 +120,17 @@ def test_load_loss_equals_direct_evaluation():
     S, E, k, sigma = 10, 4, 2, 0.25
     logits = torch.randn(1, S, E, generator=gen, dtype=torch.float64)
     noisy = logits + sigma * torch.randn(1, S, E, generator=gen, dtype=torch.float64)
+    thresholds = [sorted(noisy[0, t].tolist(), reverse=True)[k - 1] for t in range(S)]
     probs = []
     for e in range(E):
         p = 0.0
         for t in range(S):
-            threshold = sorted(noisy[0, t].tolist(), reverse=True)[k - 1]
-            z = (threshold - logits[0, t, e].item()) / sigma
+            z = (thresholds[t] - logits[0, t, e].item()) / sigma
             p += 1 - 0.5 * (1 + math.erf(z / math.sqrt(2)))
         probs.append(p / S)
     expected = (statistics.pstdev(probs) / statistics.mean(probs)) ** 2
-    assert load_loss(logits, noisy, sigma, k).item() == pytest.approx(expected, rel=1e-9)
+    threshold = torch.tensor(thresholds, dtype=torch.float64).view(1, S, 1)
+    assert load_loss(logits, threshold, sigma).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_z_loss_value():
@@ -148,9 +150,18 @@ def test_router_noise_only_in_training_and_losses():
     router.train()
     c, d = router(x), router(x)
     assert not torch.equal(c.plan.weight_GSK, d.plan.weight_GSK)
-    assert "load_loss" in c.metrics
+    assert "load_loss" in c.metrics and "gshard_loss" not in c.metrics  # GShard's only when weighted
+    # the router takes the load loss's threshold from its K-th choice: the same as a top-K of the noisy logits
+    clean, noisy = F.linear(x, router.proj.weight), c.logits_GSE
+    threshold = noisy.topk(2, dim=-1).values[..., -1:]
+    assert c.metrics["load_loss"].item() == pytest.approx(load_loss(clean, threshold, 0.25).item(), rel=1e-6)
     expected = 0.005 * c.metrics["importance_loss"] + 0.005 * c.metrics["load_loss"] + 0.1 * c.metrics["z_loss"]
     assert c.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    router.cfg.gshard_weight = 0.01
+    e = router(x)
+    assert e.metrics["gshard_loss"].item() == pytest.approx(gshard_loss(clean.softmax(-1)).item(), rel=1e-6)
+    expected = expected - 0.005 * c.metrics["load_loss"] + 0.005 * e.metrics["load_loss"]
+    assert e.aux_loss.item() == pytest.approx((expected + 0.01 * e.metrics["gshard_loss"]).item(), rel=1e-6)
 
 
 def test_routing_metrics_count_drops_and_load():

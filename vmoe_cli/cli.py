@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmoe_cli import __version__
+from vmoe_cli.allocator import keep_freed_memory
 from vmoe_cli.config import load_recipe
 from vmoe_cli.errors import VmoeError
 
@@ -61,6 +62,7 @@ def main() -> None:
       vmoe convert-jax vmoe_s32_last2_ilsvrc2012_randaug_light1 --out runs/vmoe-s32-jax
       vmoe quickstart
     """
+    keep_freed_memory()  # no page faults on every step's large activations (vmoe_cli/allocator.py)
 
 
 @main.command("model-info")

@@ -31,16 +31,18 @@ def buffer_rows(plan: Plan) -> Tensor:
 
 
 def dispatch(x_GSD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
-    """Gather each buffer slot's token: `[G, S, D]` -> `[E, G*C, D]`; empty slots read a zero row."""
+    """Gather each buffer slot's token: `[G, S, D]` -> `[E, G*C, D]`.
+
+    An empty slot reads the batch's first token: combine never reads its output, so its gradient is
+    exactly zero and the result is the same as with a zero row, without copying `x` to append one.
+    """
     G, S, D = x_GSD.shape
     E, C, K = plan.num_experts, plan.capacity, row_GSK.shape[-1]
     token_GSK = torch.arange(G * S, device=x_GSD.device).view(G, S, 1).expand(G, S, K)
-    # Which token fills each slot; G*S (the zero row) where none does. Dropped choices write
-    # to one spare entry past the end, which is cut off.
-    source = torch.full((E * G * C + 1,), G * S, device=x_GSD.device)
+    # Which token fills each slot. Dropped choices write to one spare entry past the end, which is cut off.
+    source = torch.zeros(E * G * C + 1, dtype=torch.long, device=x_GSD.device)
     source = source.scatter_(0, row_GSK.flatten(), token_GSK.flatten())[:-1]
-    x_padded = torch.cat([x_GSD.reshape(G * S, D), x_GSD.new_zeros(1, D)])  # [G*S + 1, D]
-    return x_padded.index_select(0, source).view(E, G * C, D)
+    return x_GSD.reshape(G * S, D).index_select(0, source).view(E, G * C, D)
 
 
 def combine(out_ECD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:

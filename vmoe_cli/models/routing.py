@@ -79,13 +79,12 @@ def importance_loss(gates_GSE: Tensor) -> Tensor:
     return _cv_squared(importance_GE)
 
 
-def load_loss(logits_GSE: Tensor, noisy_logits_GSE: Tensor, sigma: float, k: int) -> Tensor:
+def load_loss(logits_GSE: Tensor, threshold_GS1: Tensor, sigma: float) -> Tensor:
     """(std / mean)^2 of each expert's probability of being selected under fresh noise.
 
     A token picks expert e when its clean logit plus noise beats the token's K-th largest
-    noisy logit: p = 1 - Phi((threshold - logit) / sigma), averaged over tokens.
+    noisy logit `threshold_GS1`: p = 1 - Phi((threshold - logit) / sigma), averaged over tokens.
     """
-    threshold_GS1 = noisy_logits_GSE.topk(k, dim=-1).values[..., -1:]
     # ndtr, not distributions.Normal: its argument validation raises on NaN instead of passing it on
     p_GSE = 1.0 - torch.special.ndtr((threshold_GS1 - logits_GSE) / sigma)
     return _cv_squared(p_GSE.mean(dim=1))
@@ -229,11 +228,16 @@ class TokenChoiceRouter(LinearRouter):
         plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
 
         clean_gates_GSE = logits_GSE.softmax(dim=-1)
-        losses = {"importance_loss": importance_loss(clean_gates_GSE), "gshard_loss": gshard_loss(clean_gates_GSE)}
-        aux = cfg.importance_weight * losses["importance_loss"] + cfg.gshard_weight * losses["gshard_loss"]
+        losses = {"importance_loss": importance_loss(clean_gates_GSE)}
+        aux = cfg.importance_weight * losses["importance_loss"]
         if noisy:
-            losses["load_loss"] = load_loss(logits_GSE, noisy_logits_GSE, sigma, K)
+            # The K-th largest noisy logit is that of the K-th choice (softmax keeps the order): no second top-K.
+            threshold_GS1 = noisy_logits_GSE.gather(2, plan.expert_GSK[..., K - 1 :])
+            losses["load_loss"] = load_loss(logits_GSE, threshold_GS1, sigma)
             aux = aux + cfg.load_weight * losses["load_loss"]
+        if cfg.gshard_weight:
+            losses["gshard_loss"] = gshard_loss(clean_gates_GSE)
+            aux = aux + cfg.gshard_weight * losses["gshard_loss"]
         if cfg.zloss_weight:
             losses["z_loss"] = z_loss(logits_GSE)
             aux = aux + cfg.zloss_weight * losses["z_loss"]
