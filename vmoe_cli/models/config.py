@@ -154,11 +154,11 @@ class ModelConfig:
             raise VmoeError(f"model.image_size={self.image_size} is not a multiple of the patch size {patch}")
         if width % heads:
             raise VmoeError(f"model width {width} is not divisible by heads={heads}")
-        side = conv_stem_sides(self.image_size, patch)[-1] if self.stem == "conv" else self.image_size // patch
-        if side != self.image_size // patch:
+        grid = self.image_size // patch
+        if self.stem == "conv" and (side := conv_stem_sides(self.image_size, patch)[-1]) != grid:
             raise VmoeError(
                 f"model.stem=conv: {conv_stem_depth(patch)} stride-2 convs turn {self.image_size} px into a "
-                f"{side}-token side, not {self.image_size // patch}; use a power-of-2 patch or stem=patch"
+                f"{side}-token side, not {grid}; use a power-of-2 patch or stem=patch"
             )
         if self.moe is not None:
             self.moe.validate(depth)
