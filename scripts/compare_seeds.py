@@ -17,8 +17,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from vmoe_cli.checkpoint import CONFIG, load_recipe_of
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.train.report import METRICS
 
@@ -39,11 +38,11 @@ class RunSummary:
 def read_run(run_dir: str | Path) -> RunSummary:
     """The seed, evaluations and training time of a run directory; VmoeError naming the file if one is missing."""
     run_dir = Path(run_dir)
-    config, metrics = run_dir / "config.yaml", run_dir / METRICS
+    config, metrics = run_dir / CONFIG, run_dir / METRICS
     for path in (config, metrics):
         if not path.is_file():
             raise VmoeError(f"{path}: not found; give run directories written by `vmoe pretrain` or `vmoe finetune`")
-    seed = int(yaml.safe_load(config.read_text())["train"]["seed"])
+    seed = load_recipe_of(run_dir).train.seed
     evals: dict[int, float] = {}
     seconds = None
     for line in metrics.read_text().splitlines():
@@ -62,7 +61,10 @@ def paired(a: list[RunSummary], b: list[RunSummary]) -> list[tuple[RunSummary, R
     by_seed = {run.seed: run for run in b}
     if len(by_seed) != len(b) or len({run.seed for run in a}) != len(a):
         raise VmoeError("two runs of one side have the same train.seed: give each seed once per side")
-    return [(run, by_seed[run.seed]) for run in sorted(a, key=lambda r: r.seed) if run.seed in by_seed]
+    pairs = [(run, by_seed[run.seed]) for run in sorted(a, key=lambda r: r.seed) if run.seed in by_seed]
+    if not pairs:
+        raise VmoeError("no seed is on both sides: pair runs of the same train.seed")
+    return pairs
 
 
 def mean_and_error(values: list[float]) -> tuple[float, float]:
@@ -87,7 +89,7 @@ def report(pairs: list[tuple[RunSummary, RunSummary]], names: tuple[str, str]) -
             f"| {during[0]} | {during[1]} | {seconds[0]} | {seconds[1]} |"
         )
     diffs = [100 * (a.final - b.final) for a, b in pairs]
-    (a_mean, _), (b_mean, _) = (mean_and_error([100 * run.final for run in side]) for side in zip(*pairs, strict=True))
+    a_mean, b_mean = (statistics.fmean(100 * run.final for run in side) for side in zip(*pairs, strict=True))
     d_mean, d_error = mean_and_error(diffs)
     wins = sum(d > 0 for d in diffs)
     lines.append(
@@ -105,8 +107,6 @@ def main() -> None:
     args = parser.parse_args()
     try:
         pairs = paired([read_run(d) for d in args.a], [read_run(d) for d in args.b])
-        if not pairs:
-            raise VmoeError("no seed is on both sides: pair runs of the same train.seed")
     except VmoeError as err:
         raise SystemExit(f"error: {err}") from None
     print(report(pairs, tuple(args.names)))

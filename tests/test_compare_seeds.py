@@ -6,17 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from scripts.compare_seeds import mean_and_error, paired, read_run, report
+from vmoe_cli.checkpoint import CONFIG
+from vmoe_cli.config import dump_recipe, load_recipe
 from vmoe_cli.errors import VmoeError
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits-vmoe.yaml"
 
 
 def write_run(root: Path, name: str, seed: int, evals: dict[int, float], seconds: float) -> Path:
-    """A run directory as `vmoe pretrain` leaves it: config.yaml with train.seed, metrics.jsonl."""
+    """A run directory as `vmoe pretrain` leaves it: the resolved recipe with train.seed, metrics.jsonl."""
     run = root / name
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed, "steps": max(evals)}}))
+    dump_recipe(load_recipe(RECIPE, [f"train.seed={seed}", f"train.steps={max(evals)}"]), run / CONFIG)
     lines = []
     for step, top1 in sorted(evals.items()):
         elapsed = seconds * step / max(evals)
