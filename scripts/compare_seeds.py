@@ -46,7 +46,10 @@ def read_run(run_dir: str | Path) -> RunSummary:
     evals: dict[int, float] = {}
     seconds = None
     for line in metrics.read_text().splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill; `--resume` would drop it too
+            continue
         if "eval_top1" in record:
             evals[record["step"]] = record["eval_top1"]
         elif "elapsed_s" in record:

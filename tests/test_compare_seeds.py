@@ -59,3 +59,11 @@ def test_missing_files_and_repeated_seeds_are_one_line_errors(tmp_path):
     twice = read_run(write_run(tmp_path, "s", 3, {10: 0.5}, 1.0))
     with pytest.raises(VmoeError, match="same train.seed"):
         paired([twice, twice], [twice])
+
+
+def test_a_line_cut_short_by_a_kill_is_skipped(tmp_path):
+    run = write_run(tmp_path, "killed", 0, {10: 0.5, 20: 0.7}, 8.0)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 30, "loss": 0.')
+    summary = read_run(run)
+    assert summary.evals == {10: 0.5, 20: 0.7} and summary.train_seconds == pytest.approx(8.0)
