@@ -12,14 +12,13 @@ Usage:  python scripts/compare_seeds.py --a runs/conv-vmoe-s0 runs/conv-vmoe-s1 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmoe_cli.checkpoint import CONFIG, load_recipe_of
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.train.report import METRICS
+from vmoe_cli.train.report import METRICS, read_metrics
 
 
 @dataclass
@@ -45,11 +44,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
     seed = load_recipe_of(run_dir).train.seed
     evals: dict[int, float] = {}
     seconds = None
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill; `--resume` would drop it too
-            continue
+    for record in read_metrics(run_dir):
         if "eval_top1" in record:
             evals[record["step"]] = record["eval_top1"]
         elif "elapsed_s" in record:

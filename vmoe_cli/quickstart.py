@@ -7,7 +7,6 @@ shards complete, skips finished runs, resumes unfinished ones, reads cached feat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from vmoe_cli.eval.fewshot import load_backbone, run_fewshot, write_results
 from vmoe_cli.eval.plots import plot_sweep
 from vmoe_cli.eval.sweep import SweepOptions, make_grid, sweep
 from vmoe_cli.train.loop import pretrain
+from vmoe_cli.train.report import read_metrics
 
 DIGITS = ShardOptions(shard_size=200, minival=0.1, test=0.2)  # 1,258 train / 180 minival / 359 test
 TWINS = ("digits-vmoe", "digits-vit")
@@ -76,7 +76,6 @@ def _pretrain_or_resume(recipe: Any, run: Path) -> str:
         if done < recipe.train.steps:
             result = pretrain(recipe, run, resume="latest")
         else:
-            lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-            result = [json.loads(line) for line in lines if "eval_top1" in line][-1] | {"finished": True}
+            result = [record for record in read_metrics(run) if "eval_top1" in record][-1] | {"finished": True}
     note = " (already trained)" if result.get("finished") else ""
     return f"step {result['step']}, {result['eval_top1']:.4f} top-1 on minival{note}"

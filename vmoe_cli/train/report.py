@@ -104,6 +104,17 @@ def _summary_writer(log_dir: Path, start: int) -> Any:
     return SummaryWriter(log_dir=str(log_dir), purge_step=start + 1 if start else None)
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of a run's metrics file, in order; a line cut short by a kill is skipped (resume drops it too)."""
+    records = []
+    for line in (run_dir / METRICS).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def keep_until(path: Path, step: int) -> None:
     """Drop the lines of metrics file `path` after `step`, atomically (temp file, then rename)."""
     if not path.is_file():
