@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from vmoe_cli.checkpoint import find_resume, load_model
 from vmoe_cli.cli import main
 from vmoe_cli.config import load_recipe
+from vmoe_cli.errors import VmoeError
 from vmoe_cli.train.loop import pretrain
 from vmoe_cli.train.report import TIMING
 
@@ -198,3 +200,29 @@ def test_bf16_mixup_and_sigmoid_loss_train_and_checkpoint(digits, tmp_path):
     assert 0 <= result["eval_top1"] <= 1 and result["eval_total"] == 180
     weights = load_file(tmp_path / "run" / "checkpoints" / "step_00000020" / "model.safetensors")
     assert weights["head.weight"].dtype == torch.float32  # autocast computes in bf16, parameters stay fp32
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++"))), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_step_follows_eager_and_saves_the_same_keys(digits, tmp_path):
+    """train.compile=true trains the same model: losses close to eager's, checkpoints with the eager names."""
+    base = settings(digits, 10, checkpoint_every=10) + ["model.moe.noise_std=0"]
+    pretrain(load_recipe(RECIPE, base), tmp_path / "eager")
+    torch._dynamo.reset()
+    pretrain(load_recipe(RECIPE, [*base, "train.compile=true"]), tmp_path / "compiled")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step did run compiled
+    eager, compiled = (metrics(tmp_path / name) for name in ("eager", "compiled"))
+    losses = [[r["loss"] for r in records if "loss" in r] for records in (eager, compiled)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert compiled[-1]["eval_top1"] == pytest.approx(eager[-1]["eval_top1"], abs=0.02)
+    a = load_file(tmp_path / "eager" / "checkpoints" / "step_00000010" / "model.safetensors")
+    b = load_file(tmp_path / "compiled" / "checkpoints" / "step_00000010" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_compile_without_a_cpp_compiler_stops_with_one_line(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ or c++ on it
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(VmoeError, match="train.compile needs a C\\+\\+ compiler"):
+        pretrain(load_recipe(RECIPE, [*settings(digits, 2), "train.compile=true"]), tmp_path / "run")

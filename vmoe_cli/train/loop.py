@@ -10,7 +10,9 @@ resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
         dump_recipe(recipe, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
+    step_model = _compiled(model, accelerator) if cfg.compile else model  # evaluation and checkpoints: `model`
     step, stream = state["step"], Batches(loader, state["epoch"], state["batch"])
     reporter = Reporter(run_dir, accelerator.is_main_process, total, step, cfg.tensorboard)
     spread = "FSDP2" if accelerator.is_fsdp2 else "DDP" if accelerator.num_processes > 1 else "1 process"
@@ -85,7 +88,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
     result: dict[str, Any] = {}
     try:
         while step < total:
-            record = train_step(step, model, optimizer, scheduler, stream, accelerator, cfg, data)
+            record = train_step(step, step_model, optimizer, scheduler, stream, accelerator, cfg, data)
             step += 1
             if step % cfg.log_every == 0 or step == total:
                 reporter.train(_to_json(record), cfg.batch_size)
@@ -244,6 +247,14 @@ def _train_loader(
         augment=data.augment, resampled=data.resampled, epoch_images=data.epoch_images, start_batch=start,
         mean=data.mean, std=data.std, cache=data.cache,
     )  # fmt: skip
+
+
+def _compiled(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """The model under torch.compile, shapes fixed (train micro-batches all have one size); same parameters."""
+    if accelerator.device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
+        raise VmoeError("train.compile needs a C++ compiler on CPU (none found: install g++, or set CXX); "
+                        "or set train.compile=false")  # fmt: skip
+    return torch.compile(model, dynamic=False)
 
 
 def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator) -> None:
