@@ -12,7 +12,7 @@ model, so it is also the training FLOP ratio. Target (DESIGN.md section 6): time
 Like `vmoe`, the script first has glibc keep freed memory (vmoe_cli/allocator.py); `--glibc-malloc` does not.
 
 Usage:  python scripts/bench_train.py [--recipe recipes/fmnist-vmoe.yaml] [--dense RECIPE] [--set KEY=VALUE ...]
-            [--batch 128] [--device cpu|cuda] [--warmup 3] [--rounds 5] [--block 3] [--glibc-malloc]
+            [--batch 128] [--device cpu|cuda] [--warmup 3] [--rounds 5] [--block 3] [--compile] [--glibc-malloc]
 A ViT-S width case:  --recipe recipes/vmoe-vit-s16-every2.yaml --set model.depth=2 --batch 16
 """
 
@@ -36,15 +36,16 @@ from vmoe_cli.models.vit import VisionTransformer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_step_fn(cfg: ModelConfig, batch: int, device: str) -> Callable[[], None]:
+def train_step_fn(cfg: ModelConfig, batch: int, device: str, compile_: bool = False) -> Callable[[], None]:
     """One training step of a fresh model of `cfg` on fixed random images, as a closure."""
     model = VisionTransformer(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
+    forward = torch.compile(model, dynamic=False) if compile_ else model  # as train.compile
     images = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
 
     def step() -> None:
-        out = model(images)
+        out = forward(images)
         loss = F.cross_entropy(out.logits, labels) + out.aux_loss
         loss.backward()
         optimizer.step()
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=3, help="timed steps per model per round")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models, as train.compile")
     parser.add_argument("--glibc-malloc", action="store_true", help="leave malloc as it is, unlike `vmoe`")
     args = parser.parse_args()
     kept = not args.glibc_malloc and keep_freed_memory()
@@ -90,7 +92,7 @@ def main() -> None:
         raise SystemExit(f"{args.recipe}: not a V-MoE (no model.moe section)")
     torch.manual_seed(0)
     names = {"V-MoE": moe, "dense": dense}
-    steps = {name: train_step_fn(cfg, args.batch, args.device) for name, cfg in names.items()}
+    steps = {name: train_step_fn(cfg, args.batch, args.device, args.compile) for name, cfg in names.items()}
     times = time_steps(steps, args.warmup, args.rounds, args.block)
 
     per_group = moe.moe.group_tokens(args.batch, moe.tokens_per_image) // moe.tokens_per_image
@@ -100,6 +102,7 @@ def main() -> None:
         f"{args.recipe}: {depth} blocks, width {width}, MLP {hidden}, MoE blocks {moe.moe_layers()}, "
         f"E={moe.moe.num_experts}, K={moe.moe.k}, cf={moe.moe.capacity_factor}, {moe.image_size} px / {patch}, "
         f"batch {args.batch} ({per_group} images per group), {args.device}, {torch.get_num_threads()} threads, "
+        f"{'compiled' if args.compile else 'eager'}, "
         f"freed memory {'kept' if kept else 'returned to the OS'}"
     )
     print("| model | images/s | ms / step | forward GFLOPs / image |")
