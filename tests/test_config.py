@@ -81,11 +81,11 @@ def test_paper_and_tiny_recipes_have_the_stated_settings():
     fmnist = load_recipe(RECIPES / "fmnist-vmoe.yaml").model
     assert fmnist.moe_layers() == [3, 5]
     conv, conv_dense = (load_recipe(RECIPES / f"fmnist-conv-{name}.yaml") for name in ("vmoe", "vit"))
-    every2 = dataclasses.replace(fmnist.moe, layers="every-2")
-    assert conv.model == dataclasses.replace(fmnist, stem="conv", moe=every2)  # stem, MoE blocks, budget differ
+    every2 = dataclasses.replace(fmnist.moe, layers="every-2", k=1)
+    assert conv.model == dataclasses.replace(fmnist, stem="conv", gelu="exact", moe=every2)  # and the budget
     assert conv.model.moe_layers() == [1, 3, 5]
     assert conv_dense.model == dataclasses.replace(conv.model, moe=None)
-    assert conv.train == conv_dense.train and conv.train.steps == 5600
+    assert conv.train == conv_dense.train and conv.train.steps == 6400
 
 
 def test_unknown_key_suggests_the_closest_name(tmp_path: Path):
