@@ -42,7 +42,7 @@ def test_recipes_dir_holds_the_shipped_recipes():
         "vmoe-s32-last2-ft384",
         "vmoe-b16-every2-ft384",
     } <= names
-    assert len(names) == 28
+    assert len(names) == 29
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
@@ -81,11 +81,15 @@ def test_paper_and_tiny_recipes_have_the_stated_settings():
     fmnist = load_recipe(RECIPES / "fmnist-vmoe.yaml").model
     assert fmnist.moe_layers() == [3, 5]
     conv, conv_dense = (load_recipe(RECIPES / f"fmnist-conv-{name}.yaml") for name in ("vmoe", "vit"))
-    every2 = dataclasses.replace(fmnist.moe, layers="every-2", k=1)
+    every2 = dataclasses.replace(fmnist.moe, layers="every-2", k=1, capacity_factor=1.05, group_images=32)
     assert conv.model == dataclasses.replace(fmnist, stem="conv", gelu="exact", moe=every2)  # and the budget
     assert conv.model.moe_layers() == [1, 3, 5]
     assert conv_dense.model == dataclasses.replace(conv.model, moe=None)
     assert conv.train == conv_dense.train and conv.train.steps == 6400
+    conv_ft = load_recipe(RECIPES / "fmnist-conv-vmoe-finetune.yaml").model  # loads conv.model's checkpoints
+    assert conv_ft == dataclasses.replace(
+        conv.model, image_size=35, moe=dataclasses.replace(conv.model.moe, capacity_factor=1.5)
+    )
 
 
 def test_unknown_key_suggests_the_closest_name(tmp_path: Path):
