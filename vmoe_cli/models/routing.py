@@ -73,6 +73,15 @@ class RouterOutput:
     logits_GSE: Tensor | None = None  # float32 router logits the choice was made on (noisy in training)
 
 
+def expert_softmax(logits_GSE: Tensor) -> Tensor:
+    """Softmax over the experts axis, computed with experts as the middle axis.  [G, S, E]
+
+    PyTorch's CPU softmax over a short last axis (E = 8) runs one row at a time, ~15x slower than over a
+    middle axis, where it vectorises across the S tokens; the transposes are views (one copy in, none out).
+    """
+    return logits_GSE.transpose(1, 2).softmax(dim=1).transpose(1, 2)
+
+
 def importance_loss(gates_GSE: Tensor) -> Tensor:
     """(std / mean)^2 of per-expert summed gates, population std, averaged over groups."""
     importance_GE = gates_GSE.sum(dim=1)
@@ -126,9 +135,13 @@ def token_choice_plan(gates_GSE: Tensor, k: int, capacity_: int, bpr: bool) -> t
     Batch Priority Routing. Ties go to the lower expert index and the BPR sort is stable.
     """
     G, S, E = gates_GSE.shape
-    # Top-K with ties to the lower expert index: a stable descending sort keeps index order.
-    sorted_gates, sorted_experts = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
-    weight_GSK, expert_GSK = sorted_gates[..., :k], sorted_experts[..., :k]
+    # Top-K with ties to the lower expert index: max returns the first maximum, a stable descending sort keeps
+    # index order. For K = 1 max is the same choice ~15x faster on CPU than the sort.
+    if k == 1:
+        weight_GSK, expert_GSK = gates_GSE.max(dim=-1, keepdim=True)
+    else:
+        sorted_gates, sorted_experts = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
+        weight_GSK, expert_GSK = sorted_gates[..., :k], sorted_experts[..., :k]
     expert_GKS = expert_GSK.transpose(1, 2)
     # Priority order of the tokens within each rank: group order, or BPR's stable sort.
     if bpr:
@@ -182,7 +195,7 @@ class ExpertChoiceRouter(LinearRouter):
     def forward(self, x_GSD: Tensor) -> RouterOutput:
         C = group_capacity(self.cfg, x_GSD.shape[1])
         logits_GSE = self.noisy_logits(x_GSD)
-        plan = expert_choice_plan(logits_GSE.softmax(dim=-1), C)
+        plan = expert_choice_plan(expert_softmax(logits_GSE), C)
         return RouterOutput(plan, logits_GSE.new_zeros(()), _expert_choice_metrics(plan), logits_GSE)
 
 
@@ -223,11 +236,11 @@ class TokenChoiceRouter(LinearRouter):
         noisy = self.training and cfg.noise_std > 0
         sigma = cfg.noise_std / E
         noisy_logits_GSE = logits_GSE + sigma * torch.randn_like(logits_GSE) if noisy else logits_GSE
-        gates_GSE = noisy_logits_GSE.softmax(dim=-1)
+        gates_GSE = expert_softmax(noisy_logits_GSE)
 
         plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
 
-        clean_gates_GSE = logits_GSE.softmax(dim=-1)
+        clean_gates_GSE = expert_softmax(logits_GSE)
         losses = {"importance_loss": importance_loss(clean_gates_GSE)}
         aux = cfg.importance_weight * losses["importance_loss"]
         if noisy:
@@ -271,7 +284,7 @@ class SinkhornRouter(LinearRouter):
         C = group_capacity(cfg, x_GSD.shape[1])
         logits_GSE = self.noisy_logits(x_GSD)
         plan_GSE = sinkhorn_plan(logits_GSE)
-        gates_GSE = logits_GSE.softmax(dim=-1)
+        gates_GSE = expert_softmax(logits_GSE)
         if not cfg.is_token_choice:
             plan = expert_choice_plan(plan_GSE, C)
             plan.weight_GSK = gates_GSE
