@@ -16,10 +16,11 @@ def make_block(seed=0, **moe):
     return MoEMlp(8, 16, MoEConfig(**settings))
 
 
+@pytest.mark.parametrize("k", [1, 2])  # K = 1 takes top-1 by max and combines without a sum over K
 @pytest.mark.parametrize("bpr", [False, True])
 @pytest.mark.parametrize("cf", [0.5, 1.0, 4.0])
-def test_index_dispatch_equals_einsum_oracle_in_outputs_and_gradients(bpr, cf):
-    block = make_block(bpr=bpr, capacity_factor=cf, importance_weight=0.0)
+def test_index_dispatch_equals_einsum_oracle_in_outputs_and_gradients(k, bpr, cf):
+    block = make_block(k=k, bpr=bpr, capacity_factor=cf, importance_weight=0.0)
     block.eval()
     x = torch.randn(4, 6, 8, requires_grad=True)
     probe = torch.randn(4, 6, 8)
@@ -32,7 +33,7 @@ def test_index_dispatch_equals_einsum_oracle_in_outputs_and_gradients(bpr, cf):
     block.zero_grad()
     x_GSD = x.reshape(2, 12, 8)
     gates = torch.softmax(x_GSD @ block.router.proj.weight.T, dim=-1)
-    y = einsum_moe(x_GSD, gates, 2, out.routing.plan.capacity, bpr, block.experts).reshape(4, 6, 8)
+    y = einsum_moe(x_GSD, gates, k, out.routing.plan.capacity, bpr, block.experts).reshape(4, 6, 8)
     (y * probe).sum().backward()
     oracle = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
 

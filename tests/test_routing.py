@@ -13,6 +13,7 @@ from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.routing import (
     TokenChoiceRouter,
     capacity,
+    expert_softmax,
     gshard_loss,
     importance_loss,
     load_loss,
@@ -49,6 +50,16 @@ def test_design_dispatch_example_with_bpr():
 
 
 LOSS_GATES = torch.tensor([[[0.5, 0.4, 0.1], [0.3, 0.3, 0.4], [0.1, 0.2, 0.7], [0.8, 0.2, 0.0]]])
+
+
+def test_expert_softmax_and_top1_ties_in_its_layout():
+    logits = torch.randn(3, 33, 8, generator=torch.Generator().manual_seed(0))
+    gates = expert_softmax(logits)
+    torch.testing.assert_close(gates, logits.softmax(dim=-1), rtol=1e-6, atol=1e-7)
+    tied = torch.zeros(2, 5, 8)
+    tied[0, :, [3, 5]] = 1.0  # experts 3 and 5 share the top logit: the lower index wins
+    plan, _ = token_choice_plan(expert_softmax(tied), 1, 8, bpr=False)
+    assert plan.expert_GSK[0, :, 0].tolist() == [3] * 5 and plan.expert_GSK[1, :, 0].tolist() == [0] * 5
 
 
 def test_importance_loss_reference_value():
