@@ -159,12 +159,12 @@ class VisionTransformer(nn.Module):
     def embed(self, images_BCHW: Tensor) -> Tensor:
         """Images -> tokens with position embeddings, CLS first: `[B, N, D]`."""
         x_BDhw = self.patch_embed(images_BCHW)
-        # Patches row-major over the grid, copied to token-major memory: kept as the transposed view, every residual
-        # add would inherit its strides and every LayerNorm copy it, forward and backward (~5% of a CPU step).
-        x_BND = x_BDhw.flatten(2).transpose(1, 2).contiguous()
+        x_BND = x_BDhw.flatten(2).transpose(1, 2)  # patches row-major over the grid
         if self.cls_token is not None:
             x_BND = torch.cat([self.cls_token.expand(x_BND.shape[0], -1, -1), x_BND], dim=1)
-        return x_BND + self.pos_embed
+        # Token-major memory (a no-op after the CLS cat): left as the transposed view, every residual add would
+        # inherit its strides and every LayerNorm copy it, forward and backward (~5% of a CPU step).
+        return (x_BND + self.pos_embed).contiguous()
 
     def head_from_tokens(self, x_BND: Tensor, aux_loss: Tensor, routing: dict[int, RouterOutput]) -> ModelOutput:
         """Final LayerNorm, pooling, representation layer and head on the last block's tokens."""
