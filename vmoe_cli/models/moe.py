@@ -150,4 +150,4 @@ class SoftMoEMlp(nn.Module):
         y_BND = torch.einsum("bnep,ebpd->bnd", combine_BNEP, out_EBPD)
         zero = x_BND.new_zeros((), dtype=torch.float32)
         metrics = {"dropped_all": zero, "dropped_any": zero, "scale": self.scale.detach().float()}
-        return MoEOutput(y=y_BND, routing=RouterOutput(plan=None, aux_loss=zero, metrics=metrics))
+        return MoEOutput(y=y_BND, routing=RouterOutput(plan=None, aux_loss=zero, compute_metrics=lambda: metrics))

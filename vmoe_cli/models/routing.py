@@ -15,7 +15,9 @@ exchange its buffers between ranks with one all_to_all of equal splits.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +71,14 @@ class Plan:
 class RouterOutput:
     plan: Plan | None  # None for Soft MoE, which mixes tokens instead of placing them
     aux_loss: Tensor  # scalar, already weighted, to add to the task loss
-    metrics: dict[str, Tensor]  # detached scalars or [E] vectors, for logging
+    compute_metrics: Callable[[], dict[str, Tensor]]  # the `metrics` below
     logits_GSE: Tensor | None = None  # float32 router logits the choice was made on (noisy in training)
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, Tensor]:
+        """Detached scalars or [E] vectors, for logging: computed on first use, so a training step that logs
+        nothing skips their ~25 small ops per MoE block."""
+        return self.compute_metrics()
 
 
 def expert_softmax(logits_GSE: Tensor) -> Tensor:
@@ -80,6 +88,14 @@ def expert_softmax(logits_GSE: Tensor) -> Tensor:
     middle axis, where it vectorises across the S tokens; the transposes are views (one copy in, none out).
     """
     return logits_GSE.transpose(1, 2).softmax(dim=1).transpose(1, 2)
+
+
+def one_hot(index: Tensor, num_classes: int) -> Tensor:
+    """`F.one_hot` (long) without its range check, which reads the indices' min and max back to the host:
+    a synchronisation per call on GPU. Router indices are in range by construction."""
+    return torch.zeros(*index.shape, num_classes, dtype=torch.long, device=index.device).scatter_(
+        -1, index.unsqueeze(-1), 1
+    )
 
 
 def importance_loss(gates_GSE: Tensor) -> Tensor:
@@ -94,15 +110,15 @@ def load_loss(logits_GSE: Tensor, threshold_GS1: Tensor, sigma: float) -> Tensor
     A token picks expert e when its clean logit plus noise beats the token's K-th largest
     noisy logit `threshold_GS1`: p = 1 - Phi((threshold - logit) / sigma), averaged over tokens.
     """
-    # ndtr, not distributions.Normal: its argument validation raises on NaN instead of passing it on
-    p_GSE = 1.0 - torch.special.ndtr((threshold_GS1 - logits_GSE) / sigma)
+    # 1 - Phi(z) = erfc(z / sqrt 2) / 2: half the ops of 1 - ndtr(z) and no cancellation where Phi(z) ~ 1
+    p_GSE = 0.5 * torch.special.erfc((threshold_GS1 - logits_GSE) / (sigma * math.sqrt(2.0)))
     return _cv_squared(p_GSE.mean(dim=1))
 
 
 def gshard_loss(gates_GSE: Tensor) -> Tensor:
     """E^2 * mean_e(mean gate_e * fraction of tokens whose top-1 is e), averaged over groups."""
     num_experts = gates_GSE.shape[-1]
-    top1_GSE = F.one_hot(gates_GSE.argmax(dim=-1), num_experts).to(gates_GSE.dtype)
+    top1_GSE = one_hot(gates_GSE.argmax(dim=-1), num_experts).to(gates_GSE.dtype)
     per_group = (gates_GSE.mean(dim=1) * top1_GSE.mean(dim=1)).mean(dim=-1)
     return num_experts**2 * per_group.mean()
 
@@ -151,7 +167,7 @@ def token_choice_plan(gates_GSE: Tensor, k: int, capacity_: int, bpr: bool) -> t
     # A choice's slot = number of earlier choices (in priority order) for the same expert.
     # The one-hot is choices x E ([G, K*S, E]), never tokens x E x C.
     choices_GQ = expert_GKS.reshape(G, k * S)
-    seen_GQE = F.one_hot(choices_GQ, E).cumsum(dim=1)
+    seen_GQE = one_hot(choices_GQ, E).cumsum(dim=1)
     slot_GKS = (seen_GQE.gather(2, choices_GQ.unsqueeze(2)) - 1).view(G, k, S)
     if bpr:  # back from priority order to group order
         slot_GKS = torch.empty_like(slot_GKS).scatter_(2, order_GKS, slot_GKS)
@@ -196,7 +212,7 @@ class ExpertChoiceRouter(LinearRouter):
         C = group_capacity(self.cfg, x_GSD.shape[1])
         logits_GSE = self.noisy_logits(x_GSD)
         plan = expert_choice_plan(expert_softmax(logits_GSE), C)
-        return RouterOutput(plan, logits_GSE.new_zeros(()), _expert_choice_metrics(plan), logits_GSE)
+        return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _expert_choice_metrics(plan), logits_GSE)
 
 
 @torch.no_grad()
@@ -255,8 +271,10 @@ class TokenChoiceRouter(LinearRouter):
             losses["z_loss"] = z_loss(logits_GSE)
             aux = aux + cfg.zloss_weight * losses["z_loss"]
 
-        metrics = {name: value.detach() for name, value in losses.items()} | _token_choice_metrics(plan, seen_GE)
-        return RouterOutput(plan=plan, aux_loss=aux, metrics=metrics, logits_GSE=noisy_logits_GSE)
+        def metrics() -> dict[str, Tensor]:
+            return {name: value.detach() for name, value in losses.items()} | _token_choice_metrics(plan, seen_GE)
+
+        return RouterOutput(plan, aux, metrics, noisy_logits_GSE)
 
 
 def sinkhorn_plan(logits_GSE: Tensor, iterations: int = 20) -> Tensor:
@@ -288,10 +306,11 @@ class SinkhornRouter(LinearRouter):
         if not cfg.is_token_choice:
             plan = expert_choice_plan(plan_GSE, C)
             plan.weight_GSK = gates_GSE
-            return RouterOutput(plan, logits_GSE.new_zeros(()), _expert_choice_metrics(plan), logits_GSE)
+            return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _expert_choice_metrics(plan), logits_GSE)
         plan, seen_GE = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
         plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
-        return RouterOutput(plan, logits_GSE.new_zeros(()), _token_choice_metrics(plan, seen_GE), logits_GSE)
+        metrics = functools.partial(_token_choice_metrics, plan, seen_GE)
+        return RouterOutput(plan, logits_GSE.new_zeros(()), metrics, logits_GSE)
 
 
 class PerImageRouter(LinearRouter):
@@ -315,7 +334,8 @@ def route_images(logits_BE: Tensor, tokens_per_image: int, group_tokens: int, cf
     gates_GSE = logits_BE.softmax(dim=-1).repeat_interleave(tokens_per_image, dim=0).view(-1, group_tokens, E)
     C = group_capacity(cfg, group_tokens)
     plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
-    return RouterOutput(plan, logits_BE.new_zeros(()), _token_choice_metrics(plan, seen_GE), logits_BE[None])
+    metrics = functools.partial(_token_choice_metrics, plan, seen_GE)
+    return RouterOutput(plan, logits_BE.new_zeros(()), metrics, logits_BE[None])
 
 
 def make_router(dim: int, cfg: MoEConfig) -> nn.Module | None:

@@ -88,9 +88,10 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
     result: dict[str, Any] = {}
     try:
         while step < total:
-            record = train_step(step, step_model, optimizer, scheduler, stream, accelerator, cfg, data)
+            log = (step + 1) % cfg.log_every == 0 or step + 1 == total
+            record = train_step(step, step_model, optimizer, scheduler, stream, accelerator, cfg, data, log)
             step += 1
-            if step % cfg.log_every == 0 or step == total:
+            if record is not None:
                 reporter.train(_to_json(record), cfg.batch_size)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
                 result = {"step": step, **evaluate(accelerator.unwrap_model(model), data, recipe, micro, accelerator)}
@@ -129,8 +130,12 @@ def train_step(
     accelerator: Accelerator,
     cfg: TrainConfig,
     data: DataConfig,
-) -> dict[str, Any]:
-    """One optimiser step over `grad_accum` micro-batches; returns the step's metrics as tensors."""
+    log: bool,
+) -> dict[str, Any] | None:
+    """One optimiser step over `grad_accum` micro-batches; with `log`, returns the step's metrics as tensors.
+
+    Without `log` nothing is reduced across ranks and the routing metrics are never computed.
+    """
     seed = random.Random(f"step:{cfg.seed}:{step}:{accelerator.process_index}").getrandbits(63)
     torch.manual_seed(seed)  # router noise and dropout depend on (seed, step, rank) only
     generator = torch.Generator().manual_seed(seed)  # mixup
@@ -156,6 +161,8 @@ def train_step(
         aux_losses.append(out.aux_loss.detach())
     record: dict[str, Any] = {"step": step + 1, "epoch": stream.epoch, "lr": scheduler.get_last_lr()[0]}
     scheduler.step()
+    if not log:
+        return None
     record["loss"] = accelerator.reduce(torch.stack(losses).mean(), "mean")
     record["aux_loss"] = torch.stack(aux_losses).mean()
     for block, route in out.routing.items():  # this rank's last micro-batch
