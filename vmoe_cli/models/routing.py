@@ -309,8 +309,7 @@ class SinkhornRouter(LinearRouter):
             return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _expert_choice_metrics(plan), logits_GSE)
         plan, seen_GE = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
         plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
-        metrics = functools.partial(_token_choice_metrics, plan, seen_GE)
-        return RouterOutput(plan, logits_GSE.new_zeros(()), metrics, logits_GSE)
+        return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _token_choice_metrics(plan, seen_GE), logits_GSE)
 
 
 class PerImageRouter(LinearRouter):
@@ -334,8 +333,7 @@ def route_images(logits_BE: Tensor, tokens_per_image: int, group_tokens: int, cf
     gates_GSE = logits_BE.softmax(dim=-1).repeat_interleave(tokens_per_image, dim=0).view(-1, group_tokens, E)
     C = group_capacity(cfg, group_tokens)
     plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
-    metrics = functools.partial(_token_choice_metrics, plan, seen_GE)
-    return RouterOutput(plan, logits_BE.new_zeros(()), metrics, logits_BE[None])
+    return RouterOutput(plan, logits_BE.new_zeros(()), lambda: _token_choice_metrics(plan, seen_GE), logits_BE[None])
 
 
 def make_router(dim: int, cfg: MoEConfig) -> nn.Module | None:
