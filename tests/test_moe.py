@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from reference import einsum_moe
-from torch.utils._python_dispatch import TorchDispatchMode
+from reference import OpLog, einsum_moe
 
 from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.moe import MoEMlp
@@ -102,28 +101,13 @@ def test_group_size_in_tokens_routes_consecutive_tokens():
         assert torch.allclose(alone(flat[g : g + 1]).y.reshape(6, 8), y.reshape(12, 8)[6 * g : 6 * g + 6], atol=1e-6)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_tensor_of_size_tokens_x_experts_x_capacity():
     # Tokens per group (S=256) far exceed the width and hidden size (8, 16), so a [G, S, E, C]
     # tensor would be the largest thing in the pass by a wide margin.
     torch.manual_seed(0)
     block = MoEMlp(8, 16, MoEConfig(num_experts=8, k=2, capacity_factor=1.0, group_images=4))
     x = torch.randn(8, 64, 8, requires_grad=True)
-    with LargestTensor() as mode:
+    with OpLog() as mode:
         out = block(x)
         (out.y.sum() + out.routing.aux_loss).backward()
     G, S, E, C = 2, 256, 8, out.routing.plan.capacity

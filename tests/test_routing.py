@@ -6,8 +6,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import reference_slots
-from torch.utils._python_dispatch import TorchDispatchMode
+from reference import OpLog, reference_slots
 
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.config import MoEConfig
@@ -190,25 +189,13 @@ def test_routing_metrics_count_drops_and_load():
     assert out.metrics["load_entropy"].item() == pytest.approx(math.log(2) / math.log(3), rel=1e-6)
 
 
-class OpNames(TorchDispatchMode):
-    """Records the name of every op run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("router", ["token_choice", "expert_choice", "sinkhorn_token_choice"])
 def test_a_training_step_of_an_moe_block_never_reads_back_to_the_host(router):
     """Reading a value back (`.item()`, or F.one_hot's range check) stalls a GPU every step."""
     torch.manual_seed(0)
     block = MoEMlp(8, 16, MoEConfig(num_experts=4, k=2, capacity_factor=1.0, group_images=2, router=router))
     block.train()
-    with OpNames() as ops:
+    with OpLog() as ops:
         out = block(torch.randn(4, 6, 8, requires_grad=True))
         (out.y.square().sum() + out.routing.aux_loss).backward()
         assert out.routing.metrics["dropped_all"].ndim == 0
@@ -218,9 +205,9 @@ def test_a_training_step_of_an_moe_block_never_reads_back_to_the_host(router):
 def test_routing_metrics_are_computed_on_first_use_only():
     router = TokenChoiceRouter(8, MoEConfig(num_experts=4, k=2, capacity_factor=1.0)).train()
     out = router(torch.randn(2, 6, 8))
-    with OpNames() as first:
+    with OpLog() as first:
         metrics = out.metrics
-    with OpNames() as again:
+    with OpLog() as again:
         assert out.metrics is metrics
     assert "log" in first.names  # the load entropy: computed now, not during the forward
     assert again.names == []

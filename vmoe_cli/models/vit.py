@@ -204,8 +204,13 @@ class VisionTransformer(nn.Module):
             image_logits_BE, target_B = first.logits_GSE[0], self.superclass_of[labels_B]
             guidance = F.cross_entropy(image_logits_BE, target_B)
             aux_loss = aux_loss + self.cfg.moe.superclass_weight * guidance
-            first.metrics["superclass_loss"] = guidance.detach()
-            first.metrics["superclass_top1"] = (image_logits_BE.argmax(-1) == target_B).float().mean()
+            routing_metrics, loss, logits_BE = first.compute_metrics, guidance.detach(), image_logits_BE.detach()
+
+            def metrics() -> dict[str, Tensor]:  # the router's and the guidance's, still computed only when read
+                top1 = (logits_BE.argmax(-1) == target_B).float().mean()
+                return routing_metrics() | {"superclass_loss": loss, "superclass_top1": top1}
+
+            first.compute_metrics = metrics
         return self.head_from_tokens(x_BND, aux_loss, routing)
 
     def set_routing(self, **changes: object) -> None:

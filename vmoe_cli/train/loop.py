@@ -159,10 +159,11 @@ def train_step(
             optimizer.zero_grad()
         losses.append(loss.detach())
         aux_losses.append(out.aux_loss.detach())
-    record: dict[str, Any] = {"step": step + 1, "epoch": stream.epoch, "lr": scheduler.get_last_lr()[0]}
+    lr = scheduler.get_last_lr()[0]
     scheduler.step()
     if not log:
         return None
+    record: dict[str, Any] = {"step": step + 1, "epoch": stream.epoch, "lr": lr}
     record["loss"] = accelerator.reduce(torch.stack(losses).mean(), "mean")
     record["aux_loss"] = torch.stack(aux_losses).mean()
     for block, route in out.routing.items():  # this rank's last micro-batch
