@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmoe_cli.models.config import MoEConfig
-from vmoe_cli.models.moe import MoEMlp
+from vmoe_cli.models.moe import MlpOutput, MoEMlp
 from vmoe_cli.models.routing import capacity
 from vmoe_cli.models.vit import Mlp
 
@@ -146,10 +146,10 @@ def step_fn(module: nn.Module, shape: tuple[int, ...], device: str) -> Callable[
 
     def step() -> None:
         out = module(x)
-        if hasattr(out, "routing"):  # vmoe: the auxiliary loss joins the backward pass
+        if isinstance(out, MlpOutput) and out.routing is not None:  # vmoe: the auxiliary loss joins the backward
             torch.autograd.backward([out.y, out.routing.aux_loss], [grad, torch.ones((), device=device)])
         else:
-            out.backward(grad)
+            (out.y if isinstance(out, MlpOutput) else out).backward(grad)
         module.zero_grad(set_to_none=True)
         x.grad = None
         if device == "cuda":

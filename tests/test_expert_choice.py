@@ -92,11 +92,11 @@ def test_soft_moe_matches_its_definition_and_learns():
 
 @pytest.mark.parametrize("router", ["sinkhorn_token_choice", "sinkhorn_expert_choice"])
 def test_sinkhorn_routers_select_on_the_plan_and_weight_by_softmax(router):
-    from vmoe_cli.models.routing import expert_choice_plan, sinkhorn_plan, token_choice_plan
+    from vmoe_cli.models.routing import expert_choice_plan, sinkhorn_transport, token_choice_plan
 
     torch.manual_seed(0)
     logits = torch.randn(2, 12, 4) * 3
-    plan = sinkhorn_plan(logits)
+    plan = sinkhorn_transport(logits)
     torch.testing.assert_close(plan.sum(-1), torch.ones(2, 12), atol=1e-3, rtol=0)  # each token: mass 1
     torch.testing.assert_close(plan.sum(1), torch.full((2, 4), 3.0), atol=1e-3, rtol=0)  # each expert: S/E
 
@@ -105,9 +105,9 @@ def test_sinkhorn_routers_select_on_the_plan_and_weight_by_softmax(router):
     x = torch.randn(2, 12, 8)
     out = moe(x)
     logits = x @ moe.router.proj.weight.T
-    p, gates = sinkhorn_plan(logits), logits.softmax(-1)
+    p, gates = sinkhorn_transport(logits), logits.softmax(-1)
     if router == "sinkhorn_token_choice":
-        expected, _ = token_choice_plan(p, 2, 8, bpr=False)  # C = ceil(12 * 2 * 1.0 / 4) = 6 -> 8
+        expected = token_choice_plan(p, 2, 8, bpr=False)  # C = ceil(12 * 2 * 1.0 / 4) = 6 -> 8
         weights = gates.gather(2, expected.expert_GSK)
     else:
         expected, weights = expert_choice_plan(p, 4), gates  # C = 3 -> 4

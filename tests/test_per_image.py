@@ -16,6 +16,7 @@ from vmoe_cli.models.config import ModelConfig, MoEConfig
 from vmoe_cli.models.routing import importance_loss
 from vmoe_cli.models.vit import VisionTransformer
 from vmoe_cli.train.loop import pretrain
+from vmoe_cli.train.losses import superclass_guidance
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPER = [0, 0, 1, 1, 2, 2, 3, 3, 0, 1]
@@ -47,10 +48,10 @@ def test_all_tokens_of_an_image_go_to_the_same_experts_in_every_block(moe):
         assert plan.kept_GSK.all()  # capacity factor 4: nothing dropped
     assert torch.equal(plans[0].expert_GSK, plans[1].expert_GSK)  # one decision, reused
     # the decision is the top-K of the image router on the mean token before the first MoE block
-    x_BND, _, _ = model.run_blocks(model.embed(torch.randn(6, 1, 8, 8)), 0, model.cfg.moe_layers()[0])
+    x_BND = model.run_blocks(model.embed(torch.randn(6, 1, 8, 8)), 0, model.cfg.moe_layers()[0]).x_BND
     logits_BE, _ = model.image_router(x_BND)
     expected = logits_BE.softmax(-1).topk(moe["k"], dim=-1).indices
-    routing = model.run_blocks(x_BND, model.cfg.moe_layers()[0])[2]
+    routing = model.run_blocks(x_BND, model.cfg.moe_layers()[0]).routing
     first = routing[model.cfg.moe_layers()[0]].plan.expert_GSK.reshape(6, N, -1)[:, 0]
     assert torch.equal(first, expected)
 
@@ -69,21 +70,22 @@ def test_block_output_is_the_gate_weighted_sum_of_the_images_experts():
         assert torch.allclose(y[b], want, atol=1e-5)
 
 
-def test_superclass_guidance_loss_only_with_labels():
+def test_superclass_guidance_is_computed_in_training_from_the_model_output():
     model = per_image(superclasses=SUPER).train()
     images, labels = torch.randn(8, 1, 8, 8), torch.arange(8)
-    torch.manual_seed(1)
-    with_labels = model(images, labels)
-    torch.manual_seed(1)
-    without = model(images)
-    first = with_labels.routing[model.cfg.moe_layers()[0]]
+    out = model(images)
+    first = out.routing[model.cfg.moe_layers()[0]]
     logits_BE = first.logits_GSE[0]
-    guidance = F.cross_entropy(logits_BE, torch.tensor(SUPER)[labels])
+    assert torch.equal(out.image_logits_BE, logits_BE)  # the image router's decision is a field of the output
+    expected = F.cross_entropy(logits_BE, torch.tensor(SUPER)[labels])
     importance = model.cfg.moe.importance_weight * importance_loss(logits_BE.softmax(-1)[None])
-    assert torch.allclose(with_labels.aux_loss, importance + 0.3 * guidance, atol=1e-6)
-    assert torch.allclose(without.aux_loss, importance, atol=1e-6)
-    assert first.metrics["superclass_loss"] == pytest.approx(guidance.item(), rel=1e-6)
-    with_labels.aux_loss.backward()
+    assert torch.allclose(out.aux_loss, importance, atol=1e-6)  # the model adds no guidance itself
+    guidance = superclass_guidance(model.cfg.moe, "cpu")
+    total = out.aux_loss + guidance.weight * guidance.loss(out, labels)
+    assert torch.allclose(total, importance + 0.3 * expected, atol=1e-6)
+    assert guidance.metrics(out, labels)["superclass_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert superclass_guidance(per_image().cfg.moe, "cpu") is None  # no super-classes: nothing to guide
+    total.backward()
     assert model.image_router.proj.weight.grad.abs().sum() > 0
 
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import OpLog, reference_slots
+from torch import nn
 
+from vmoe_cli.config import recipe_from_dict
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.models.config import MoEConfig
+from vmoe_cli.models.config import ROUTER_KINDS, MoEConfig
 from vmoe_cli.models.moe import MoEMlp
 from vmoe_cli.models.routing import (
     TokenChoiceRouter,
@@ -18,13 +20,14 @@ from vmoe_cli.models.routing import (
     gshard_loss,
     importance_loss,
     load_loss,
+    make_router,
     token_choice_plan,
     z_loss,
 )
 
 
 def plan_as_lists(gates, k, c, bpr):
-    plan, _ = token_choice_plan(torch.tensor([gates]), k, c, bpr)
+    plan = token_choice_plan(torch.tensor([gates]), k, c, bpr)
     return [
         [(e, s if s < c else None) for e, s in zip(es, ss, strict=True)]
         for es, ss in zip(plan.expert_GSK[0].tolist(), plan.slot_GSK[0].tolist(), strict=True)
@@ -59,7 +62,7 @@ def test_expert_softmax_and_top1_ties_in_its_layout():
     torch.testing.assert_close(gates, logits.softmax(dim=-1), rtol=1e-6, atol=1e-7)
     tied = torch.zeros(2, 5, 8)
     tied[0, :, [3, 5]] = 1.0  # experts 3 and 5 share the top logit: the lower index wins
-    plan, _ = token_choice_plan(expert_softmax(tied), 1, 8, bpr=False)
+    plan = token_choice_plan(expert_softmax(tied), 1, 8, bpr=False)
     assert plan.expert_GSK[0, :, 0].tolist() == [3] * 5 and plan.expert_GSK[1, :, 0].tolist() == [0] * 5
 
 
@@ -81,7 +84,7 @@ def test_plan_matches_reference_loop_on_random_gates(seed, bpr):
     gates = torch.rand(2, S, E, generator=gen).softmax(-1)
     if seed % 4 == 0:  # plant exact ties in gates and in top-1 gates
         gates = (gates * 4).round() / 4
-    plan, seen = token_choice_plan(gates, k, c, bpr)
+    plan = token_choice_plan(gates, k, c, bpr)
     for g in range(2):
         expected = reference_slots(gates[g].tolist(), k, c, bpr)
         got = [
@@ -89,7 +92,7 @@ def test_plan_matches_reference_loop_on_random_gates(seed, bpr):
             for es, ss in zip(plan.expert_GSK[g].tolist(), plan.slot_GSK[g].tolist(), strict=True)
         ]
         assert got == expected
-    assert seen.sum().item() == 2 * S * k  # every choice is counted once
+    assert plan.requested_GE.sum().item() == 2 * S * k  # every choice is counted once
 
 
 @pytest.mark.parametrize("bpr", [False, True])
@@ -97,7 +100,7 @@ def test_plan_invariants(bpr):
     gen = torch.Generator().manual_seed(0)
     G, S, E, k, c = 3, 64, 6, 2, 12
     gates = torch.rand(G, S, E, generator=gen).softmax(-1)
-    plan, _ = token_choice_plan(gates, k, c, bpr)
+    plan = token_choice_plan(gates, k, c, bpr)
     kept = plan.kept_GSK
     for g in range(G):
         for e in range(E):
@@ -212,3 +215,17 @@ def test_routing_metrics_are_computed_on_first_use_only():
     assert "log" in first.names  # the load entropy: computed now, not during the forward
     assert again.names == []
     assert {"dropped_all", "dropped_any", "expert_load", "load_entropy", "importance_loss", "load_loss"} <= set(metrics)
+
+
+def test_every_router_kind_is_listed_and_an_unknown_one_is_an_error():
+    for name, kind in ROUTER_KINDS.items():
+        cfg = MoEConfig(router=name, num_experts=4, k=1)
+        if kind.has_plan:
+            assert isinstance(make_router(8, cfg), nn.Module)
+        else:  # Soft MoE mixes tokens in its own block: it has no token router
+            with pytest.raises(ValueError, match="no token router"):
+                make_router(8, cfg)
+    with pytest.raises(ValueError, match="no token router"):
+        make_router(8, MoEConfig(router="sinkhorn_expert_chioce"))  # no fallback to a similar kind
+    with pytest.raises(VmoeError, match="did you mean 'expert_choice'"):
+        recipe_from_dict({"model": {"moe": {"router": "expert_chioce"}}})

@@ -112,7 +112,6 @@ def compare_outputs(model: VisionTransformer, outputs: str | Path) -> dict[str, 
             m = SETTING.match(setting)
             model.set_routing(
                 capacity_factor=float(m["cf"]),
-                capacity=None,
                 bpr=m["bpr"] == "on",
                 bfloat16_dispatch=m["disp"] == "bf16",
             )

@@ -32,26 +32,28 @@ def flops_per_image(cfg: ModelConfig, batch: int | None = None) -> float:
     moe_layers = set(cfg.moe_layers())
     for i in range(depth):
         total += attention
-        if i in moe_layers and cfg.moe.router == "soft":  # one image per group, E x slots mixtures
-            slots = cfg.moe.num_experts * cfg.moe.soft_slots(N)
-            total += 3 * 2 * N * slots * D  # logits, dispatch mixtures, combine mixtures
-            total += slots * 2 * 2 * D * H  # experts over every slot
-        elif i in moe_layers:
-            images = cfg.moe.group_tokens(batch, N) / N  # a fraction when groups straddle images
-            slots_per_image = cfg.moe.num_experts * moe_capacity(cfg, batch) / images
-            if cfg.moe.router != "per_image":  # the per-image router is counted once, below
-                total += 2 * N * D * cfg.moe.num_experts  # router
-            total += slots_per_image * 2 * 2 * D * H  # experts over every buffer slot; combine is elementwise
-        else:
-            total += 2 * 2 * N * D * H
-    if cfg.moe is not None and cfg.moe.router == "per_image":
-        total += 2 * D * cfg.moe.num_experts  # the image router, on each image's mean token
+        total += moe_flops(cfg, batch) if i in moe_layers else 2 * 2 * N * D * H
+    if cfg.moe is not None and cfg.moe.kind.per_image:
+        total += 2 * D * cfg.moe.num_experts  # the image router, once per image on its mean token
     rep = cfg.representation_size
     if rep:
         total += 2 * D * rep
     if cfg.num_classes:
         total += 2 * (rep or D) * cfg.num_classes
     return total
+
+
+def moe_flops(cfg: ModelConfig, batch: int | None = None) -> float:
+    """Matmul FLOPs per image of one MoE MLP: its router and its experts over every slot, filled or not."""
+    _, D, H, _, _ = cfg.sizes()
+    N, moe = cfg.tokens_per_image, cfg.moe
+    if not moe.kind.has_plan:  # Soft MoE: one image per group, E x slots mixtures
+        slots = moe.num_experts * moe.soft_slots(N)
+        return 3 * 2 * N * slots * D + slots * 2 * 2 * D * H  # logits, dispatch and combine mixtures; experts
+    images = moe.group_tokens(batch, N) / N  # a fraction when groups straddle images
+    slots_per_image = moe.num_experts * moe_capacity(cfg, batch) / images
+    router = 0 if moe.kind.per_image else 2 * N * D * moe.num_experts  # per image: counted once per model
+    return router + slots_per_image * 2 * 2 * D * H  # combine is elementwise
 
 
 def stem_flops(cfg: ModelConfig) -> float:
@@ -107,10 +109,10 @@ def model_card(cfg: ModelConfig) -> dict[str, object]:
     card["MoE blocks"] = ", ".join(map(str, cfg.moe_layers())) + f" (of 0..{depth - 1})"
     card["router"] = moe.router
     card["capacity"] = f"fixed {moe.capacity}" if moe.capacity else f"factor {moe.capacity_factor}"
-    if moe.router == "soft":
+    if not moe.kind.has_plan:
         card["experts E / slots per expert (per image)"] = f"{moe.num_experts} / {moe.soft_slots(cfg.tokens_per_image)}"
         return card
-    card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}" if moe.is_token_choice else moe.num_experts
+    card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}" if moe.kind.choice == "token" else moe.num_experts
     card["capacity per expert per group C"] = moe_capacity(cfg)
     group = moe.group_tokens(None, cfg.tokens_per_image)
     card["group size"] = f"{group} tokens = {group / cfg.tokens_per_image:g} images"

@@ -14,19 +14,53 @@ from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.presets import parse_variant
 
 
+@dataclass(frozen=True)
+class RouterKind:
+    """What a kind of router is, as the facts the rest of the code reads (the one place a kind is described).
+
+    The router classes themselves are listed by kind in `models/routing.py: ROUTERS` (Soft MoE is a block of its
+    own in models/moe.py).
+    """
+
+    # who chooses: every token picks K experts; every expert picks C tokens; or Soft MoE, which mixes tokens into
+    # slots instead of placing them (no plan, no capacity rule, nothing dropped)
+    choice: Literal["token", "expert", "soft"]
+    per_image: bool = False  # one decision per image by the model's image router, reused by every MoE block
+
+    @property
+    def has_plan(self) -> bool:
+        """Places tokens into fixed-capacity expert buffers (a routing Plan), so tokens may be dropped."""
+        return self.choice != "soft"
+
+    @property
+    def sweep_axes(self) -> tuple[str, ...]:
+        """Inference settings a capacity sweep may vary: K and BPR only where tokens (or images) choose experts;
+        expert choice has only its capacity; Soft MoE nothing (its slots are weights and it drops no token)."""
+        return {"token": ("k", "capacity_factor", "bpr"), "expert": ("capacity_factor",), "soft": ()}[self.choice]
+
+    def tokens_to_place(self, group_tokens: int, k: int) -> int:
+        """What the capacity rule divides over the experts: S x K choices for token choice, S tokens otherwise."""
+        return group_tokens * k if self.choice == "token" else group_tokens
+
+
+ROUTER_KINDS = {
+    "token_choice": RouterKind("token"),  # the V-MoE router: noisy top-K softmax gates, optional BPR
+    "expert_choice": RouterKind("expert"),  # softmax gates, each expert takes its top-C tokens
+    "soft": RouterKind("soft"),  # Soft MoE: slots are softmax mixtures of one image's tokens
+    "sinkhorn_token_choice": RouterKind("token"),  # top-K per token on a Sinkhorn transport plan
+    "sinkhorn_expert_choice": RouterKind("expert"),  # top-C per expert on a Sinkhorn transport plan
+    "per_image": RouterKind("token", per_image=True),  # Mobile V-MoE: one top-K decision per image
+}
+RouterName = Literal[tuple(ROUTER_KINDS)]  # the recipe's vocabulary for `model.moe.router`, from the table above
+
+
 @dataclass
 class MoEConfig:
     """The MoE blocks: where they go, how tokens are routed, what the router pays."""
 
     # "every-N" (blocks N-1, 2N-1, ...), "last-N" (the last N odd blocks) or a list of 0-based blocks
     layers: str | list[int] = "every-2"
-    # tokens pick K experts; experts pick C tokens; Soft MoE (each expert's slots are softmax mixtures of one
-    # image's tokens, C = slots); either choice made on a Sinkhorn transport plan (combine: softmax gates); or
-    # per image (Mobile V-MoE): one top-K decision per image from its mean token before the first MoE block,
-    # reused by every MoE block
-    router: Literal[
-        "token_choice", "expert_choice", "soft", "sinkhorn_token_choice", "sinkhorn_expert_choice", "per_image"
-    ] = "token_choice"
+    router: RouterName = "token_choice"  # one of ROUTER_KINDS above (for Soft MoE, C = slots per expert)
     num_experts: int = 8  # E
     k: int = 2  # experts selected per token
     capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`
@@ -51,10 +85,9 @@ class MoEConfig:
     superclass_weight: float = 0.3  # weight of that cross-entropy guidance loss
 
     @property
-    def is_token_choice(self) -> bool:
-        """Every token has K choices (its own, softmax or Sinkhorn, or its image's); otherwise experts pick
-        tokens, or Soft MoE mixes them."""
-        return self.router in ("token_choice", "sinkhorn_token_choice", "per_image")
+    def kind(self) -> RouterKind:
+        """The facts of this config's router kind."""
+        return ROUTER_KINDS[self.router]
 
     def group_tokens(self, batch: int | None, tokens_per_image: int) -> int:
         """Tokens S per routing group for a batch of `batch` images of `tokens_per_image` tokens (None: a batch
@@ -98,7 +131,7 @@ class MoEConfig:
         if self.group_size is not None and self.group_size < 1:
             raise VmoeError(f"model.moe.group_size must be >= 1 tokens (or null), got {self.group_size}")
         moe_layer_indices(self.layers, depth)
-        if self.superclasses is not None and self.router != "per_image":
+        if self.superclasses is not None and not self.kind.per_image:
             raise VmoeError("model.moe.superclasses guides the per-image router: set model.moe.router=per_image")
         if isinstance(self.superclasses, list) and any(not 0 <= g < self.num_experts for g in self.superclasses):
             raise VmoeError(f"model.moe.superclasses must be super-classes 0..{self.num_experts - 1} (one per expert)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmoe_cli.models.config import MoEConfig
-from vmoe_cli.models.routing import Plan, RouterOutput, make_router, route_images
+from vmoe_cli.models.routing import Plan, RouterOutput, make_router
 
 
 def buffer_rows(plan: Plan) -> Tensor:
@@ -91,9 +91,11 @@ class Experts(nn.Module):
 
 
 @dataclass
-class MoEOutput:
+class MlpOutput:
+    """What every MLP of a block returns (dense, MoE or Soft MoE), so the block treats them alike."""
+
     y: Tensor  # [B, N, D]
-    routing: RouterOutput
+    routing: RouterOutput | None = None  # None for a dense MLP
 
 
 class MoEMlp(nn.Module):
@@ -105,12 +107,12 @@ class MoEMlp(nn.Module):
         self.router = make_router(dim, cfg)
         self.experts = Experts(cfg.num_experts, dim, hidden, gelu, cfg.expert_dropout, cfg.expert_init)
 
-    def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> MoEOutput:
+    def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> MlpOutput:
         """`image_logits_BE`: the model's per-image router logits, when routing is per image."""
         B, N, D = x_BND.shape
         S = self.cfg.group_tokens(B, N)
         x_GSD = x_BND.reshape(-1, S, D)  # each group: consecutive tokens of the batch
-        routing = self.router(x_GSD) if self.router is not None else route_images(image_logits_BE, N, S, self.cfg)
+        routing = self.router(x_GSD, image_logits_BE)
         row_GSK = buffer_rows(routing.plan)
         if self.cfg.bfloat16_dispatch:  # as the official Bfloat16Dispatcher: only the data moved is rounded
             x_GSD = x_GSD.to(torch.bfloat16).to(x_GSD.dtype)
@@ -118,7 +120,7 @@ class MoEMlp(nn.Module):
         if self.cfg.bfloat16_dispatch:
             out_ECD = out_ECD.to(torch.bfloat16).to(x_GSD.dtype)
         y_GSD = combine(out_ECD, routing.plan, row_GSK)
-        return MoEOutput(y=y_GSD.reshape(B, N, D), routing=routing)
+        return MlpOutput(y=y_GSD.reshape(B, N, D), routing=routing)
 
 
 class SoftMoEMlp(nn.Module):
@@ -137,7 +139,8 @@ class SoftMoEMlp(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
         self.experts = Experts(E, dim, hidden, gelu, cfg.expert_dropout, cfg.expert_init)
 
-    def forward(self, x_BND: Tensor) -> MoEOutput:
+    def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> MlpOutput:
+        """`image_logits_BE` is ignored: Soft MoE mixes each image's tokens on its own."""
         B, N, D = x_BND.shape
         E, P = self.phi.shape[1:]
         x_norm = F.normalize(x_BND.float(), dim=-1, eps=1e-6)
@@ -150,4 +153,11 @@ class SoftMoEMlp(nn.Module):
         y_BND = torch.einsum("bnep,ebpd->bnd", combine_BNEP, out_EBPD)
         zero = x_BND.new_zeros((), dtype=torch.float32)
         metrics = {"dropped_all": zero, "dropped_any": zero, "scale": self.scale.detach().float()}
-        return MoEOutput(y=y_BND, routing=RouterOutput(plan=None, aux_loss=zero, compute_metrics=lambda: metrics))
+        return MlpOutput(y=y_BND, routing=RouterOutput(plan=None, aux_loss=zero, compute_metrics=lambda: metrics))
+
+
+def make_moe_mlp(dim: int, hidden: int, cfg: MoEConfig, tokens: int, gelu: str) -> nn.Module:
+    """The MoE MLP of `cfg`'s router kind for images of `tokens` tokens: Soft MoE, or routed to expert buffers."""
+    if cfg.kind.has_plan:
+        return MoEMlp(dim, hidden, cfg, gelu)
+    return SoftMoEMlp(dim, hidden, cfg, tokens, gelu)

@@ -8,6 +8,10 @@ token to slot `slot_GSK` of expert `expert_GSK` with combine weight `weight_GSK`
 >= C is a dropped assignment. The MoE block (models/moe.py) turns a plan into fixed-size
 `[E, G*C, D]` buffers by one gather and back by one gather and weighted sum.
 
+The file follows the V-MoE paper: capacity, the plan, token choice's plan, its auxiliary
+losses and router; then the alternatives (expert choice, Sinkhorn, per-image) and the table
+of routers by kind (`ROUTERS`, the kinds' facts being `models/config.py: ROUTER_KINDS`).
+
 Routing arithmetic runs in float32 whatever the model's precision, and nothing here
 synchronises with the host (no `.item()`, no boolean indexing), so the block can later
 exchange its buffers between ranks with one all_to_all of equal splits.
@@ -26,6 +30,8 @@ from torch import Tensor, nn
 
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.config import MoEConfig
+
+# ---------------------------------------------------------------------------------------------------- capacity
 
 
 def capacity(
@@ -47,9 +53,12 @@ def capacity(
 
 
 def group_capacity(cfg: MoEConfig, group_tokens: int) -> int:
-    """C per expert for a routing group of S tokens: token choice places S x K choices, expert choice S tokens."""
-    to_place = group_tokens * cfg.k if cfg.is_token_choice else group_tokens
+    """C per expert for a routing group of S tokens (what the router kind places: S x K choices or S tokens)."""
+    to_place = cfg.kind.tokens_to_place(group_tokens, cfg.k)
     return capacity(to_place, cfg.num_experts, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
 
 
 @dataclass
@@ -61,6 +70,7 @@ class Plan:
     weight_GSK: Tensor  # float32, combine weight (carries the router's gradient)
     capacity: int  # C
     num_experts: int  # E
+    requested_GE: Tensor | None = None  # long, choices each expert received, kept or dropped (token choice)
 
     @property
     def kept_GSK(self) -> Tensor:
@@ -84,7 +94,7 @@ class RouterOutput:
 def expert_softmax(logits_GSE: Tensor) -> Tensor:
     """Softmax over the experts axis, computed with experts as the middle axis.  [G, S, E]
 
-    PyTorch's CPU softmax over a short last axis (E = 8) runs one row at a time, ~15x slower than over a
+    PyTorch's CPU softmax over a short last axis (E = 8) runs one row at a time, much slower than over a
     middle axis, where it vectorises across the S tokens; the transposes are views (one copy in, none out).
     """
     return logits_GSE.transpose(1, 2).softmax(dim=1).transpose(1, 2)
@@ -96,6 +106,40 @@ def one_hot(index: Tensor, num_classes: int) -> Tensor:
     return torch.zeros(*index.shape, num_classes, dtype=torch.long, device=index.device).scatter_(
         -1, index.unsqueeze(-1), 1
     )
+
+
+def token_choice_plan(gates_GSE: Tensor, k: int, capacity_: int, bpr: bool) -> Plan:
+    """Top-K experts per token and their buffer slots, with the choices each expert received.
+
+    Slots are handed out rank by rank (every token's first choice before any second
+    choice); within a rank tokens go in group order, or by descending top-1 gate with
+    Batch Priority Routing. Ties go to the lower expert index and the BPR sort is stable.
+    """
+    G, S, E = gates_GSE.shape
+    # Top-K with ties to the lower expert index: max returns the first maximum, a stable descending sort keeps
+    # index order. For K = 1 max is the same choice, much faster on CPU than the sort.
+    if k == 1:
+        weight_GSK, expert_GSK = gates_GSE.max(dim=-1, keepdim=True)
+    else:
+        sorted_gates, sorted_experts = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
+        weight_GSK, expert_GSK = sorted_gates[..., :k], sorted_experts[..., :k]
+    expert_GKS = expert_GSK.transpose(1, 2)
+    # Priority order of the tokens within each rank: group order, or BPR's stable sort.
+    if bpr:
+        order_GS = torch.sort(weight_GSK[..., 0], dim=-1, descending=True, stable=True).indices
+        order_GKS = order_GS.unsqueeze(1).expand(G, k, S)
+        expert_GKS = expert_GKS.gather(2, order_GKS)
+    # A choice's slot = number of earlier choices (in priority order) for the same expert.
+    # The one-hot is choices x E ([G, K*S, E]), never tokens x E x C.
+    choices_GQ = expert_GKS.reshape(G, k * S)
+    seen_GQE = one_hot(choices_GQ, E).cumsum(dim=1)
+    slot_GKS = (seen_GQE.gather(2, choices_GQ.unsqueeze(2)) - 1).view(G, k, S)
+    if bpr:  # back from priority order to group order
+        slot_GKS = torch.empty_like(slot_GKS).scatter_(2, order_GKS, slot_GKS)
+    return Plan(expert_GSK, slot_GKS.transpose(1, 2), weight_GSK, capacity_, E, requested_GE=seen_GQE[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------------- losses
 
 
 def importance_loss(gates_GSE: Tensor) -> Tensor:
@@ -134,6 +178,9 @@ def _cv_squared(values_GE: Tensor) -> Tensor:
     return (var_G / mean_G.square()).mean()
 
 
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
 def _load_metrics(placed_GE: Tensor, capacity_: int) -> dict[str, Tensor]:
     """Per-expert load (tokens placed / C) and the normalised entropy of the placements."""
     load_E = placed_GE.float().mean(dim=0) / capacity_
@@ -143,86 +190,14 @@ def _load_metrics(placed_GE: Tensor, capacity_: int) -> dict[str, Tensor]:
     return {"expert_load": load_E, "load_entropy": entropy / math.log(num_experts) if num_experts > 1 else entropy}
 
 
-def token_choice_plan(gates_GSE: Tensor, k: int, capacity_: int, bpr: bool) -> tuple[Plan, Tensor]:
-    """Top-K experts per token and their buffer slots; also the choices each expert saw.  [G, E]
-
-    Slots are handed out rank by rank (every token's first choice before any second
-    choice); within a rank tokens go in group order, or by descending top-1 gate with
-    Batch Priority Routing. Ties go to the lower expert index and the BPR sort is stable.
-    """
-    G, S, E = gates_GSE.shape
-    # Top-K with ties to the lower expert index: max returns the first maximum, a stable descending sort keeps
-    # index order. For K = 1 max is the same choice ~15x faster on CPU than the sort.
-    if k == 1:
-        weight_GSK, expert_GSK = gates_GSE.max(dim=-1, keepdim=True)
-    else:
-        sorted_gates, sorted_experts = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
-        weight_GSK, expert_GSK = sorted_gates[..., :k], sorted_experts[..., :k]
-    expert_GKS = expert_GSK.transpose(1, 2)
-    # Priority order of the tokens within each rank: group order, or BPR's stable sort.
-    if bpr:
-        order_GS = torch.sort(weight_GSK[..., 0], dim=-1, descending=True, stable=True).indices
-        order_GKS = order_GS.unsqueeze(1).expand(G, k, S)
-        expert_GKS = expert_GKS.gather(2, order_GKS)
-    # A choice's slot = number of earlier choices (in priority order) for the same expert.
-    # The one-hot is choices x E ([G, K*S, E]), never tokens x E x C.
-    choices_GQ = expert_GKS.reshape(G, k * S)
-    seen_GQE = one_hot(choices_GQ, E).cumsum(dim=1)
-    slot_GKS = (seen_GQE.gather(2, choices_GQ.unsqueeze(2)) - 1).view(G, k, S)
-    if bpr:  # back from priority order to group order
-        slot_GKS = torch.empty_like(slot_GKS).scatter_(2, order_GKS, slot_GKS)
-    plan = Plan(expert_GSK, slot_GKS.transpose(1, 2), weight_GSK, capacity=capacity_, num_experts=E)
-    return plan, seen_GQE[:, -1]
-
-
-def expert_choice_plan(gates_GSE: Tensor, capacity_: int) -> Plan:
-    """Each expert takes the C tokens with the largest gate in its column; ties go to the earlier token.
-
-    As a Plan with K = E: a token's choice e is expert e, its slot the token's rank in expert e's order,
-    kept when that rank is below C. A token may so be processed by 0 to E experts.
-    """
-    G, S, E = gates_GSE.shape
-    order_GES = torch.sort(gates_GSE.transpose(1, 2), dim=-1, descending=True, stable=True).indices
-    ranks = torch.arange(S, device=gates_GSE.device).expand(G, E, S)
-    rank_GES = torch.empty_like(order_GES).scatter_(2, order_GES, ranks)  # token -> its place in the order
-    expert_GSE = torch.arange(E, device=gates_GSE.device).expand(G, S, E)
-    return Plan(expert_GSE, rank_GES.transpose(1, 2), gates_GSE, capacity=capacity_, num_experts=E)
-
-
-class LinearRouter(nn.Module):
-    """A router's shared part: logits = x @ W (no bias) in float32, plus noise of std noise_std / E in training."""
-
-    def __init__(self, dim: int, cfg: MoEConfig):
-        super().__init__()
-        self.cfg = cfg  # shared with the model, so K / capacity / BPR can change at inference
-        self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
-
-    def noisy_logits(self, x_GSD: Tensor) -> Tensor:
-        """The logits `[G, S, E]` the choice is made on (noisy in training)."""
-        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
-        if self.training and self.cfg.noise_std > 0:
-            logits_GSE = logits_GSE + self.cfg.noise_std / self.cfg.num_experts * torch.randn_like(logits_GSE)
-        return logits_GSE
-
-
-class ExpertChoiceRouter(LinearRouter):
-    """Softmax expert choice (Zhou et al. 2022, as in "Routers in Vision MoE"): experts pick tokens, no aux loss."""
-
-    def forward(self, x_GSD: Tensor) -> RouterOutput:
-        C = group_capacity(self.cfg, x_GSD.shape[1])
-        logits_GSE = self.noisy_logits(x_GSD)
-        plan = expert_choice_plan(expert_softmax(logits_GSE), C)
-        return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _expert_choice_metrics(plan), logits_GSE)
-
-
 @torch.no_grad()
-def _token_choice_metrics(plan: Plan, seen_GE: Tensor) -> dict[str, Tensor]:
+def _token_choice_metrics(plan: Plan) -> dict[str, Tensor]:
     """Shares of tokens dropped by all and by any of their K choices, and the load of what was placed."""
     dropped_GSK = ~plan.kept_GSK
     return {
         "dropped_all": dropped_GSK.all(dim=-1).float().mean(),
         "dropped_any": dropped_GSK.any(dim=-1).float().mean(),
-        **_load_metrics(seen_GE.clamp(max=plan.capacity), plan.capacity),
+        **_load_metrics(plan.requested_GE.clamp(max=plan.capacity), plan.capacity),
     }
 
 
@@ -239,30 +214,48 @@ def _expert_choice_metrics(plan: Plan) -> dict[str, Tensor]:
     return metrics | _load_metrics(plan.kept_GSK.sum(dim=1), plan.capacity)
 
 
+# ---------------------------------------------------------------------------------------------------- token choice
+
+
+class LinearRouter(nn.Module):
+    """A router's shared part: logits = x @ W (no bias) in float32, plus noise of std noise_std / E in training.
+
+    Every router's forward takes `(x_GSD, image_logits_BE=None)`; only the per-image one reads the second.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg  # shared with the model, so K / capacity / BPR can change at inference
+        self.proj = nn.Linear(dim, cfg.num_experts, bias=False)
+
+    @property
+    def sigma(self) -> float:
+        """Std of the noise on the logits: noise_std / E in training, 0 at evaluation."""
+        return self.cfg.noise_std / self.cfg.num_experts if self.training else 0.0
+
+    def logits(self, x_GSD: Tensor) -> tuple[Tensor, Tensor]:
+        """The clean logits `[G, S, E]` and those the choice is made on (noisy in training)."""
+        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
+        if self.sigma > 0:
+            return logits_GSE, logits_GSE + self.sigma * torch.randn_like(logits_GSE)
+        return logits_GSE, logits_GSE
+
+
 class TokenChoiceRouter(LinearRouter):
     """The V-MoE router: noisy top-K softmax gating, capacity and optional BPR (token_choice_plan)."""
 
-    def forward(self, x_GSD: Tensor) -> RouterOutput:
+    def forward(self, x_GSD: Tensor, image_logits_BE: Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
-        G, S, _ = x_GSD.shape
-        E, K = cfg.num_experts, cfg.k
-        C = group_capacity(cfg, S)
-
-        logits_GSE = F.linear(x_GSD.float(), self.proj.weight.float())
-        noisy = self.training and cfg.noise_std > 0
-        sigma = cfg.noise_std / E
-        noisy_logits_GSE = logits_GSE + sigma * torch.randn_like(logits_GSE) if noisy else logits_GSE
-        gates_GSE = expert_softmax(noisy_logits_GSE)
-
-        plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
+        logits_GSE, noisy_logits_GSE = self.logits(x_GSD)
+        plan = token_choice_plan(expert_softmax(noisy_logits_GSE), cfg.k, group_capacity(cfg, x_GSD.shape[1]), cfg.bpr)
 
         clean_gates_GSE = expert_softmax(logits_GSE)
         losses = {"importance_loss": importance_loss(clean_gates_GSE)}
         aux = cfg.importance_weight * losses["importance_loss"]
-        if noisy:
+        if self.sigma > 0:
             # The K-th largest noisy logit is that of the K-th choice (softmax keeps the order): no second top-K.
-            threshold_GS1 = noisy_logits_GSE.gather(2, plan.expert_GSK[..., K - 1 :])
-            losses["load_loss"] = load_loss(logits_GSE, threshold_GS1, sigma)
+            threshold_GS1 = noisy_logits_GSE.gather(2, plan.expert_GSK[..., cfg.k - 1 :])
+            losses["load_loss"] = load_loss(logits_GSE, threshold_GS1, self.sigma)
             aux = aux + cfg.load_weight * losses["load_loss"]
         if cfg.gshard_weight:
             losses["gshard_loss"] = gshard_loss(clean_gates_GSE)
@@ -272,44 +265,78 @@ class TokenChoiceRouter(LinearRouter):
             aux = aux + cfg.zloss_weight * losses["z_loss"]
 
         def metrics() -> dict[str, Tensor]:
-            return {name: value.detach() for name, value in losses.items()} | _token_choice_metrics(plan, seen_GE)
+            return {name: value.detach() for name, value in losses.items()} | _token_choice_metrics(plan)
 
         return RouterOutput(plan, aux, metrics, noisy_logits_GSE)
 
 
-def sinkhorn_plan(logits_GSE: Tensor, iterations: int = 20) -> Tensor:
+# ---------------------------------------------------------------------------------------------------- expert choice
+
+
+def expert_choice_plan(gates_GSE: Tensor, capacity_: int) -> Plan:
+    """Each expert takes the C tokens with the largest gate in its column; ties go to the earlier token.
+
+    As a Plan with K = E: a token's choice e is expert e, its slot the token's rank in expert e's order,
+    kept when that rank is below C. A token may so be processed by 0 to E experts.
+    """
+    G, S, E = gates_GSE.shape
+    order_GES = torch.sort(gates_GSE.transpose(1, 2), dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(S, device=gates_GSE.device).expand(G, E, S)
+    rank_GES = torch.empty_like(order_GES).scatter_(2, order_GES, ranks)  # token -> its place in the order
+    expert_GSE = torch.arange(E, device=gates_GSE.device).expand(G, S, E)
+    return Plan(expert_GSE, rank_GES.transpose(1, 2), gates_GSE, capacity=capacity_, num_experts=E)
+
+
+class ExpertChoiceRouter(LinearRouter):
+    """Softmax expert choice (Zhou et al. 2022, as in "Routers in Vision MoE"): experts pick tokens, no aux loss."""
+
+    def forward(self, x_GSD: Tensor, image_logits_BE: Tensor | None = None) -> RouterOutput:
+        C = group_capacity(self.cfg, x_GSD.shape[1])
+        _, logits_GSE = self.logits(x_GSD)
+        plan = expert_choice_plan(expert_softmax(logits_GSE), C)
+        return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _expert_choice_metrics(plan), logits_GSE)
+
+
+# ---------------------------------------------------------------------------------------------------- Sinkhorn
+
+
+def sinkhorn_transport(logits_GSE: Tensor, iterations: int = 20) -> Tensor:
     """Entropic optimal transport (epsilon 1) of tokens (mass 1 each) onto experts (mass S/E each).  [G, S, E]
 
-    K = exp(logits) (shifted by the group's max, which the scalings absorb); `iterations` rounds of
-    v = b / (K^T u), u = a / (K v); P = diag(u) K diag(v). No gradient flows through the plan.
+    kernel = exp(logits) (shifted by the group's max, which the scalings absorb); `iterations` rounds of
+    v = b / (kernel^T u), u = a / (kernel v); the transport plan is diag(u) kernel diag(v). No gradient flows
+    through it.
     """
     with torch.no_grad():
         G, S, E = logits_GSE.shape
-        K_GSE = torch.exp(logits_GSE - logits_GSE.amax(dim=(1, 2), keepdim=True))
+        kernel_GSE = torch.exp(logits_GSE - logits_GSE.amax(dim=(1, 2), keepdim=True))
         u_GS1 = torch.ones(G, S, 1, device=logits_GSE.device)
         for _ in range(iterations):  # elementwise products and sums: no matmul, as FLOPs count matmuls only
-            v_G1E = (S / E) / (K_GSE * u_GS1).sum(dim=1, keepdim=True)
-            u_GS1 = 1.0 / (K_GSE * v_G1E).sum(dim=2, keepdim=True)
-        return u_GS1 * K_GSE * v_G1E
+            v_G1E = (S / E) / (kernel_GSE * u_GS1).sum(dim=1, keepdim=True)
+            u_GS1 = 1.0 / (kernel_GSE * v_G1E).sum(dim=2, keepdim=True)
+        return u_GS1 * kernel_GSE * v_G1E
 
 
 class SinkhornRouter(LinearRouter):
-    """Sinkhorn token choice (top-K per token on the plan, BPR by its row max) or expert choice (top-C per
-    expert on the plan); combine weights are the softmax of the logits, so the router learns through them."""
+    """Sinkhorn token choice (top-K per token on the transport plan, BPR by its row max) or expert choice (top-C
+    per expert on it); combine weights are the softmax of the logits, so the router learns through them."""
 
-    def forward(self, x_GSD: Tensor) -> RouterOutput:
+    def forward(self, x_GSD: Tensor, image_logits_BE: Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
         C = group_capacity(cfg, x_GSD.shape[1])
-        logits_GSE = self.noisy_logits(x_GSD)
-        plan_GSE = sinkhorn_plan(logits_GSE)
+        _, logits_GSE = self.logits(x_GSD)
+        transport_GSE = sinkhorn_transport(logits_GSE)
         gates_GSE = expert_softmax(logits_GSE)
-        if not cfg.is_token_choice:
-            plan = expert_choice_plan(plan_GSE, C)
+        if cfg.kind.choice == "expert":
+            plan = expert_choice_plan(transport_GSE, C)
             plan.weight_GSK = gates_GSE
             return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _expert_choice_metrics(plan), logits_GSE)
-        plan, seen_GE = token_choice_plan(plan_GSE, cfg.k, C, cfg.bpr)
+        plan = token_choice_plan(transport_GSE, cfg.k, C, cfg.bpr)
         plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
-        return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _token_choice_metrics(plan, seen_GE), logits_GSE)
+        return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _token_choice_metrics(plan), logits_GSE)
+
+
+# ---------------------------------------------------------------------------------------------------- per image
 
 
 class PerImageRouter(LinearRouter):
@@ -317,29 +344,50 @@ class PerImageRouter(LinearRouter):
     before the first MoE block and reused by all of them; the importance loss keeps images spread over experts."""
 
     def forward(self, x_BND: Tensor) -> tuple[Tensor, Tensor]:
-        logits_BE = self.noisy_logits(x_BND.mean(dim=1, keepdim=True)).squeeze(1)  # [B, 1, E] -> [B, E]
+        _, logits_B1E = self.logits(x_BND.mean(dim=1, keepdim=True))
+        logits_BE = logits_B1E.squeeze(1)
         aux = self.cfg.importance_weight * importance_loss(logits_BE.softmax(dim=-1).unsqueeze(0))
         return logits_BE, aux
 
 
-def route_images(logits_BE: Tensor, tokens_per_image: int, group_tokens: int, cfg: MoEConfig) -> RouterOutput:
-    """One MoE block's plan under per-image routing: every token takes its image's top-K experts and gates.
+class ImageChoiceRouter(nn.Module):
+    """An MoE block's router under per-image routing: every token takes its image's top-K experts and gates.
 
-    Slots are handed out as token choice does (all first choices before any second; BPR by the image's top-1
-    gate, a stable sort, so an image's tokens stay together), so a full expert drops whole images' tokens.
-    The aux loss is the image router's, counted once by the model.
+    It has no weights: the decision is the model's `PerImageRouter`'s. Slots are handed out as token choice does
+    (all first choices before any second; BPR by the image's top-1 gate, a stable sort, so an image's tokens stay
+    together), so a full expert drops whole images' tokens. The aux loss is the image router's, counted once.
     """
-    E, K = cfg.num_experts, cfg.k
-    gates_GSE = logits_BE.softmax(dim=-1).repeat_interleave(tokens_per_image, dim=0).view(-1, group_tokens, E)
-    C = group_capacity(cfg, group_tokens)
-    plan, seen_GE = token_choice_plan(gates_GSE, K, C, cfg.bpr)
-    return RouterOutput(plan, logits_BE.new_zeros(()), lambda: _token_choice_metrics(plan, seen_GE), logits_BE[None])
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x_GSD: Tensor, image_logits_BE: Tensor | None = None) -> RouterOutput:
+        if image_logits_BE is None:
+            raise ValueError("per-image routing needs the model's image logits: run the block inside the model")
+        G, S, _ = x_GSD.shape
+        cfg = self.cfg
+        tokens_per_image = G * S // image_logits_BE.shape[0]
+        gates_BE = image_logits_BE.softmax(dim=-1)
+        gates_GSE = gates_BE.repeat_interleave(tokens_per_image, dim=0).view(G, S, cfg.num_experts)
+        plan = token_choice_plan(gates_GSE, cfg.k, group_capacity(cfg, S), cfg.bpr)
+        zero = image_logits_BE.new_zeros(())
+        return RouterOutput(plan, zero, lambda: _token_choice_metrics(plan), image_logits_BE[None])
 
 
-def make_router(dim: int, cfg: MoEConfig) -> nn.Module | None:
-    """The router `cfg.router` names (Soft MoE is a block of its own: models/moe.py); None for per-image routing,
-    whose one router belongs to the model (models/vit.py)."""
-    if cfg.router == "per_image":
-        return None
-    routers = {"token_choice": TokenChoiceRouter, "expert_choice": ExpertChoiceRouter}
-    return routers.get(cfg.router, SinkhornRouter)(dim, cfg)
+# ---------------------------------------------------------------------------------------------------- by kind
+
+ROUTERS: dict[str, type[nn.Module]] = {  # every kind that places tokens (Soft MoE: models/moe.py, SoftMoEMlp)
+    "token_choice": TokenChoiceRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "sinkhorn_token_choice": SinkhornRouter,
+    "sinkhorn_expert_choice": SinkhornRouter,
+    "per_image": ImageChoiceRouter,
+}
+
+
+def make_router(dim: int, cfg: MoEConfig) -> nn.Module:
+    """The router of an MoE block for `cfg.router`; an error for a kind that has none (Soft MoE) or is unknown."""
+    if cfg.router not in ROUTERS:
+        raise ValueError(f"no token router for router kind {cfg.router!r}; routers: {', '.join(ROUTERS)}")
+    return ROUTERS[cfg.router](dim, cfg)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmoe_cli.models.config import ModelConfig, conv_stem_channels
-from vmoe_cli.models.moe import MoEMlp, SoftMoEMlp
+from vmoe_cli.models.moe import MlpOutput, make_moe_mlp
 from vmoe_cli.models.routing import PerImageRouter, RouterOutput
 
 # MoEConfig fields that may change after training (set_routing)
@@ -55,9 +55,10 @@ class Mlp(nn.Module):
         self.approximate = "tanh" if gelu == "tanh" else "none"
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.dropout(F.gelu(self.fc1(x), approximate=self.approximate))
-        return self.dropout(self.fc2(h))
+    def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> MlpOutput:
+        """`image_logits_BE` is ignored: the MLPs of a block share one signature (models/moe.py: MlpOutput)."""
+        h_BNH = self.dropout(F.gelu(self.fc1(x_BND), approximate=self.approximate))
+        return MlpOutput(self.dropout(self.fc2(h_BNH)))
 
 
 class ConvStem(nn.Module):
@@ -88,20 +89,26 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.attn = Attention(dim, heads, cfg.dropout)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        if not moe:
-            self.mlp = Mlp(dim, hidden, cfg.gelu, cfg.dropout)
-        elif cfg.moe.router == "soft":
-            self.mlp = SoftMoEMlp(dim, hidden, cfg.moe, cfg.tokens_per_image, cfg.gelu)
+        if moe:
+            self.mlp = make_moe_mlp(dim, hidden, cfg.moe, cfg.tokens_per_image, cfg.gelu)
         else:
-            self.mlp = MoEMlp(dim, hidden, cfg.moe, cfg.gelu)
+            self.mlp = Mlp(dim, hidden, cfg.gelu, cfg.dropout)
 
     def forward(self, x_BND: Tensor, image_logits_BE: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
+        """`image_logits_BE`: the per-image router's decision, which a per-image MoE MLP follows."""
         x_BND = x_BND + self.attn(self.norm1(x_BND))
-        h_BND = self.norm2(x_BND)
-        if isinstance(self.mlp, Mlp):
-            return x_BND + self.mlp(h_BND), None
-        out = self.mlp(h_BND, image_logits_BE) if isinstance(self.mlp, MoEMlp) else self.mlp(h_BND)
+        out = self.mlp(self.norm2(x_BND), image_logits_BE)
         return x_BND + out.y, out.routing
+
+
+@dataclass
+class BlocksOutput:
+    """What a run of encoder blocks gives: tokens, and what their routers decided and cost."""
+
+    x_BND: Tensor  # tokens after the last block run
+    aux_loss: Tensor  # scalar: the routers' weighted auxiliary losses summed over the MoE blocks run
+    routing: dict[int, RouterOutput] = field(default_factory=dict)  # block index -> its routing
+    image_logits_BE: Tensor | None = None  # the per-image router's logits, when these blocks made the decision
 
 
 @dataclass
@@ -110,6 +117,7 @@ class ModelOutput:
     pre_logits: Tensor  # [B, D or representation_size]: the features few-shot probes use
     aux_loss: Tensor  # scalar: the routers' weighted auxiliary losses summed over MoE blocks
     routing: dict[int, RouterOutput] = field(default_factory=dict)  # block index -> its routing
+    image_logits_BE: Tensor | None = None  # per-image routing: each image's router logits (training guides them)
 
 
 class VisionTransformer(nn.Module):
@@ -130,10 +138,8 @@ class VisionTransformer(nn.Module):
         moe_layers = cfg.moe_layers()
         self.first_moe = moe_layers[0] if moe_layers else None  # where a per-image router decides
         self.blocks = nn.ModuleList(Block(cfg, moe=i in moe_layers) for i in range(depth))
-        per_image = cfg.moe is not None and cfg.moe.router == "per_image"
+        per_image = cfg.moe is not None and cfg.moe.kind.per_image
         self.image_router = PerImageRouter(dim, cfg.moe) if per_image else None  # one decision per image
-        if per_image and cfg.moe.superclasses is not None:  # class -> super-class, from the recipe
-            self.register_buffer("superclass_of", torch.tensor(cfg.moe.superclasses), persistent=False)
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         rep = cfg.representation_size
         self.pre_logits = nn.Sequential(nn.Linear(dim, rep), nn.Tanh()) if rep else nn.Identity()
@@ -166,61 +172,48 @@ class VisionTransformer(nn.Module):
         # inherit its strides and every LayerNorm copy it, forward and backward (~5% of a CPU step).
         return (x_BND + self.pos_embed).contiguous()
 
-    def head_from_tokens(self, x_BND: Tensor, aux_loss: Tensor, routing: dict[int, RouterOutput]) -> ModelOutput:
+    def head_from_tokens(self, blocks: BlocksOutput) -> ModelOutput:
         """Final LayerNorm, pooling, representation layer and head on the last block's tokens."""
-        x_BND = self.norm(x_BND)
+        x_BND = self.norm(blocks.x_BND)
         pooled_BD = x_BND[:, 0] if self.cfg.pool == "cls" else x_BND.mean(dim=1)
         pre_logits = self.pre_logits(pooled_BD)
         logits = self.head(pre_logits) if self.head is not None else None
-        return ModelOutput(logits=logits, pre_logits=pre_logits, aux_loss=aux_loss, routing=routing)
+        return ModelOutput(logits, pre_logits, blocks.aux_loss, blocks.routing, blocks.image_logits_BE)
 
-    def run_blocks(
-        self, x_BND: Tensor, start: int = 0, stop: int | None = None
-    ) -> tuple[Tensor, Tensor, dict[int, RouterOutput]]:
-        """Blocks `start..stop-1` (default: to the last) on tokens; tokens, summed aux loss, routing per MoE block.
+    def run_blocks(self, x_BND: Tensor, start: int = 0, stop: int | None = None) -> BlocksOutput:
+        """Blocks `start..stop-1` (default: to the last) on tokens.
 
         Running the dense blocks before the first MoE block once lets a capacity sweep reuse their output.
         """
         if self.image_router is not None and start > self.first_moe:
             raise ValueError(f"per-image routing is decided before block {self.first_moe}; start there or earlier")
-        aux_loss = x_BND.new_zeros((), dtype=torch.float32)
-        routing: dict[int, RouterOutput] = {}
-        image_logits_BE = None
+        out = BlocksOutput(x_BND, x_BND.new_zeros((), dtype=torch.float32))
         for i in range(start, len(self.blocks) if stop is None else stop):
             if self.image_router is not None and i == self.first_moe:
-                image_logits_BE, image_aux = self.image_router(x_BND)
-                aux_loss = aux_loss + image_aux
-            x_BND, route = self.blocks[i](x_BND, image_logits_BE)
+                out.image_logits_BE, image_aux = self.image_router(out.x_BND)
+                out.aux_loss = out.aux_loss + image_aux
+            out.x_BND, route = self.blocks[i](out.x_BND, out.image_logits_BE)
             if route is not None:
-                routing[i] = route
-                aux_loss = aux_loss + route.aux_loss
-        return x_BND, aux_loss, routing
+                out.routing[i] = route
+                out.aux_loss = out.aux_loss + route.aux_loss
+        return out
 
-    def forward(self, images_BCHW: Tensor, labels_B: Tensor | None = None) -> ModelOutput:
-        """`labels_B` (training) adds the super-class guidance loss of a per-image router given super-classes."""
-        x_BND, aux_loss, routing = self.run_blocks(self.embed(images_BCHW))
-        if labels_B is not None and hasattr(self, "superclass_of"):
-            first = routing[self.first_moe]
-            image_logits_BE, target_B = first.logits_GSE[0], self.superclass_of[labels_B]
-            guidance = F.cross_entropy(image_logits_BE, target_B)
-            aux_loss = aux_loss + self.cfg.moe.superclass_weight * guidance
-            routing_metrics, loss, logits_BE = first.compute_metrics, guidance.detach(), image_logits_BE.detach()
-
-            def metrics() -> dict[str, Tensor]:  # the router's and the guidance's, still computed only when read
-                top1 = (logits_BE.argmax(-1) == target_B).float().mean()
-                return routing_metrics() | {"superclass_loss": loss, "superclass_top1": top1}
-
-            first.compute_metrics = metrics
-        return self.head_from_tokens(x_BND, aux_loss, routing)
+    def forward(self, images_BCHW: Tensor) -> ModelOutput:
+        return self.head_from_tokens(self.run_blocks(self.embed(images_BCHW)))
 
     def set_routing(self, **changes: object) -> None:
         """Change K, capacity, rounding, group size, BPR or dispatch precision in place, weights untouched.
 
-        All MoE blocks share `cfg.moe`, so one change reaches every router.
+        All MoE blocks share `cfg.moe`, so one change reaches every router. A capacity factor replaces a fixed
+        capacity and a fixed capacity replaces a factor, unless both are given.
         """
         moe = self.cfg.moe
         if moe is None:
             raise ValueError("set_routing needs a V-MoE; this model is dense")
+        if "capacity_factor" in changes and "capacity" not in changes:
+            changes["capacity"] = None
+        elif "capacity" in changes and "capacity_factor" not in changes:
+            changes["capacity_factor"] = None
         for name, value in changes.items():
             if name not in ROUTING_SETTINGS:
                 raise ValueError(f"{name} is not an inference-time routing setting")
