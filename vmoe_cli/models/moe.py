@@ -54,8 +54,8 @@ def combine(out_ECD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
     G, S, K = row_GSK.shape
     rows = out_ECD.reshape(E * GC, D).index_select(0, row_GSK.clamp(max=E * GC - 1).flatten())
     weight_GSK1 = (plan.weight_GSK * plan.kept_GSK).to(rows.dtype).unsqueeze(-1)
-    # A product and a sum over K, not einsum: that would be G*S batched 1 x K x D matmuls (2x slower on CPU).
-    # K = 1 needs no sum: its copy forward and its expand backward cost ~0.3 ms a block on CPU.
+    # A product and a sum over K, not einsum: that would be G*S batched 1 x K x D matmuls, much slower on CPU.
+    # K = 1 needs no sum, which would cost a copy forward and an expand backward.
     weighted_GSKD = weight_GSK1 * rows.view(G, S, K, D)
     return weighted_GSKD.squeeze(2) if K == 1 else weighted_GSKD.sum(dim=2)
 

@@ -35,7 +35,7 @@ class Attention(nn.Module):
         B, N, D = x_BND.shape
         # One projection per row block of the fused weight: each [B, N, D] output viewed as [B, h, N, D/h] is
         # dense, so attention's backward writes its gradients in that layout. Split from one [B, N, 3D] output,
-        # the three gradients are stacked and copied back to token-major order (~4% of attention on CPU).
+        # the three gradients would be stacked and copied back to token-major order.
         q, k, v = (
             F.linear(x_BND, w, b).view(B, N, self.heads, D // self.heads).transpose(1, 2)  # [B, h, N, D/h]
             for w, b in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), strict=True)
@@ -169,7 +169,7 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x_BND = torch.cat([self.cls_token.expand(x_BND.shape[0], -1, -1), x_BND], dim=1)
         # Token-major memory (a no-op after the CLS cat): left as the transposed view, every residual add would
-        # inherit its strides and every LayerNorm copy it, forward and backward (~5% of a CPU step).
+        # inherit its strides and every LayerNorm copy it, forward and backward.
         return (x_BND + self.pos_embed).contiguous()
 
     def head_from_tokens(self, blocks: BlocksOutput) -> ModelOutput:
