@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from vmoe_cli.eval.fewshot import dataset_features, load_backbone, probe, summarize
+from vmoe_cli.eval.fewshot import load_backbone
+from vmoe_cli.eval.probe import dataset_features, probe, summarize
 
 SHOTS = (1, 5, 10, 25)
 

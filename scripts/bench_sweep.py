@@ -18,25 +18,20 @@ import time
 
 import torch
 
-from vmoe_cli.checkpoint import load_model, load_recipe_of, resolve_checkpoint
-from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import build_loader
 from vmoe_cli.data.shard import eval_shards
+from vmoe_cli.eval.opening import eval_loader, open_checkpoint
 from vmoe_cli.eval.sweep import SweepOptions, make_grid, sweep, time_forward
 
 
 def naive(checkpoint: str, data: str, points: list, options: SweepOptions, cache: str) -> dict:
     """Reload + full evaluation + timing per grid point; top-1 per point name."""
-    ckpt = resolve_checkpoint(checkpoint, "--checkpoint")
     shard_dir = eval_shards(data, cache)
-    norm = load_recipe_of(ckpt).data or DataConfig()
     top1 = {}
     for p in points:
-        model = load_model(ckpt)
-        model.set_routing(k=p.k, capacity_factor=p.capacity_factor, capacity=None, bpr=p.bpr)
-        cfg = model.cfg
-        loader = build_loader(shard_dir, options.split, batch_size=options.batch_size, image_size=cfg.image_size,
-                              channels=cfg.channels, train=False, mean=norm.mean, std=norm.std)  # fmt: skip
+        opened = open_checkpoint(checkpoint)
+        model = opened.model
+        model.set_routing(k=p.k, capacity_factor=p.capacity_factor, bpr=p.bpr)
+        loader = eval_loader(shard_dir, options.split, options.batch_size, opened.preprocess)
         correct = total = 0
         first = None
         with torch.inference_mode():

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from vmoe_cli.checkpoint import find_resume, load_model
 from vmoe_cli.config import load_recipe
-from vmoe_cli.eval.fewshot import load_backbone, run_fewshot
+from vmoe_cli.eval.fewshot import load_backbone
 from vmoe_cli.eval.flops import flops_per_image
-from vmoe_cli.eval.sweep import SweepOptions, split_loader, time_forward
+from vmoe_cli.eval.opening import eval_loader, open_checkpoint
+from vmoe_cli.eval.probe import run_fewshot
+from vmoe_cli.eval.sweep import SweepOptions, time_forward
 from vmoe_cli.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +63,9 @@ def measure(record: dict, args: argparse.Namespace) -> dict:
     backbone = load_backbone(str(run))
     fewshot = run_fewshot(backbone, [str(args.shards)], [10], seeds=3, cache_dir=args.cache_dir)
     record["fewshot10_top1"] = fewshot["datasets"][str(args.shards)]["summary"][10]["mean"]
-    model = load_model(find_resume(run, "latest"))
-    data = load_recipe(run / "config.yaml").data
-    images = next(iter(split_loader(args.shards, "test", args.batch, model, data)))[0]
+    opened = open_checkpoint(run)
+    model = opened.model
+    images = next(iter(eval_loader(args.shards, "test", args.batch, opened.preprocess)))[0]
     with torch.inference_mode():
         record.update(time_forward(model, images, SweepOptions(repeats=args.repeats)))
     record["gflops"] = flops_per_image(model.cfg, args.batch) / 1e9

@@ -20,16 +20,8 @@ from vmoe_cli.data.loader import read_manifest
 from vmoe_cli.data.shard import ShardOptions, eval_shards, write_shards
 from vmoe_cli.data.sources import open_source
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.fewshot import (
-    BIAS,
-    L2_GRID,
-    Features,
-    Ridge,
-    dataset_features,
-    load_backbone,
-    probe,
-    sample_indices,
-)
+from vmoe_cli.eval.fewshot import load_backbone
+from vmoe_cli.eval.probe import BIAS, L2_GRID, Features, Ridge, dataset_features, probe, sample_indices
 from vmoe_cli.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -186,7 +186,8 @@ def test_a_dense_checkpoint_is_refused_with_a_hint(cache, tmp_path):
 
 
 def test_fewshot_column_reuses_fewshot_with_each_settings_routing(vmoe_run, cache, tmp_path):
-    from vmoe_cli.eval.fewshot import load_backbone, run_fewshot
+    from vmoe_cli.eval.fewshot import load_backbone
+    from vmoe_cli.eval.probe import run_fewshot
 
     options = SweepOptions(batch_size=64, throughput_batch=8, repeats=1, warmup=0, fewshot_shots=5)
     points = [GridPoint(1, 0.25, True), GridPoint(2, 2.0, False)]

@@ -281,7 +281,8 @@ def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, 
     Example:
       vmoe fewshot --checkpoint runs/fmnist-vmoe shards/fmnist digits --out results/fewshot.json
     """
-    from vmoe_cli.eval.fewshot import load_backbone, run_fewshot, write_results
+    from vmoe_cli.eval.fewshot import load_backbone, write_results
+    from vmoe_cli.eval.probe import run_fewshot
 
     shot_list = _int_list(shots, "--shots")
     fixed_l2 = None if l2 == "grid" else _positive_float(l2, "--l2")

@@ -15,8 +15,9 @@ from vmoe_cli.checkpoint import checkpoint_dir, checkpoint_step, find_resume
 from vmoe_cli.config import load_recipe
 from vmoe_cli.data.shard import ShardOptions, write_shards
 from vmoe_cli.data.sources import open_source
-from vmoe_cli.eval.fewshot import load_backbone, run_fewshot, write_results
+from vmoe_cli.eval.fewshot import load_backbone, write_results
 from vmoe_cli.eval.plots import plot_sweep
+from vmoe_cli.eval.probe import run_fewshot
 from vmoe_cli.eval.sweep import SweepOptions, make_grid, sweep
 from vmoe_cli.train.loop import pretrain
 from vmoe_cli.train.report import read_metrics

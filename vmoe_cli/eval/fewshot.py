@@ -1,76 +1,19 @@
-"""Few-shot linear probing of a frozen backbone (DESIGN.md section 5), the V-MoE papers' transfer metric.
+"""`vmoe fewshot`: a frozen backbone probed on each dataset (eval/probe.py), the results as JSON and CSV.
 
-Features are the pre-logits of the model in evaluation mode (no routing noise; K, capacity and BPR as
-given), or the raw pixels as a floor. They are extracted once per (backbone, data) and cached on disk
-under a key that hashes the checkpoint's weights, the routing settings, the shards' manifest and the
-preprocessing, so another call with other shots, seeds or L2 values reads them back.
-
-The probe, per dataset, seed and shot count:
-  1. per class a seeded permutation of its training examples: the first `shots` are the few-shot set
-     (nested across shot counts), up to `val_per_class` from the end pick the L2 value (never the test split);
-  2. standardise with the few-shot set's mean and std (+1e-5), append a column of 100 (an almost
-     unregularised bias), targets 2 * one_hot - 1;
-  3. one eigendecomposition of X^T X (samples >= columns: primal) or X X^T (dual) solves the ridge for
-     every L2 value at once;
-  4. L2 = the grid value with the best validation accuracy (the largest on ties) or the user's value;
-     report the test accuracy there.
-`--probe logistic` swaps step 2-3 for scikit-learn's logistic regression (C = 1 / L2) for comparison.
+Open: `load_backbone` (a checkpoint with routing overrides, or the raw pixels); run: `probe.run_fewshot`;
+rows: `write_results`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
 import json
-import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from vmoe_cli.atomic import write_bytes_atomic, write_text_atomic
-from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
-from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import build_loader, read_manifest
-from vmoe_cli.data.shard import eval_shards, file_sha256
+from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.models.vit import VisionTransformer
-
-L2_GRID: tuple[float, ...] = tuple(2.0**p for p in range(-10, 20))  # big_vision's grid, 2^-10 .. 2^19
-BIAS = 100.0  # value of the appended constant column
-FEATURES_VERSION = 1  # bump when extraction changes, to invalidate every cache entry
-ProgressFn = Callable[[str, int, int], None]  # (what, images done, images in all)
-
-
-@dataclass
-class Backbone:
-    """Where features come from: a frozen model, or the raw pixels when `model` is None."""
-
-    name: str  # shown in tables: the checkpoint path or "pixels"
-    key: str  # identity for the feature cache: weights hash + routing, or "pixels"
-    model: VisionTransformer | None
-    image_size: int  # images are resized to this before the model (or flattened at this size)
-    channels: int
-    mean: float | list[float]  # the model's training normalisation
-    std: float | list[float]
-
-
-@dataclass
-class Features:
-    """One dataset's features: float32 `[N, F]` and int64 labels, train and test splits."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    num_classes: int
-    seconds: float  # extraction time; 0 when read from the cache
-    cached: bool
+from vmoe_cli.eval.opening import Preprocess, open_checkpoint
+from vmoe_cli.eval.probe import Backbone, model_backbone
 
 
 def load_backbone(
@@ -83,246 +26,16 @@ def load_backbone(
 ) -> Backbone:
     """The frozen backbone of `checkpoint` (a checkpoint or run directory) with routing overrides, or "pixels"."""
     if checkpoint == "pixels":
-        return Backbone(
-            "pixels", f"pixels-{pixels_size}-{pixels_channels}", None, pixels_size, pixels_channels, 0.0, 1.0
-        )
-    ckpt = resolve_checkpoint(checkpoint, "--checkpoint")
-    model = load_model(ckpt)
+        preprocess = Preprocess(pixels_size, pixels_channels, 0.0, 1.0)
+        return Backbone("pixels", f"pixels-{pixels_size}-{pixels_channels}", None, preprocess)
+    opened = open_checkpoint(checkpoint)
     routing = {"k": k, "capacity_factor": capacity_factor, "bpr": bpr}
     routing = {name: value for name, value in routing.items() if value is not None}
     if routing:
-        if model.cfg.moe is None:
+        if opened.model.cfg.moe is None:
             raise VmoeError(f"--checkpoint {checkpoint}: a dense model; drop --k, --capacity-factor and --bpr")
-        if "capacity_factor" in routing:
-            routing["capacity"] = None  # a factor replaces a fixed capacity
-        model.set_routing(**routing)
-    return model_backbone(model, str(checkpoint), file_sha256(ckpt / WEIGHTS), load_recipe_of(ckpt).data)
-
-
-def model_backbone(model: VisionTransformer, name: str, weights_sha256: str, data: DataConfig | None) -> Backbone:
-    """The Backbone of a loaded model as it is routed now; `data` (the recipe's) gives the normalisation."""
-    moe = model.cfg.moe
-    settings = None if moe is None else dataclasses.asdict(moe)  # any routing change means other features
-    key = hashlib.sha256(json.dumps([weights_sha256, settings]).encode()).hexdigest()
-    data = data or DataConfig()
-    cfg = model.cfg
-    return Backbone(name, key, model, cfg.image_size, cfg.channels, data.mean, data.std)
-
-
-@torch.no_grad()
-def extract(
-    backbone: Backbone,
-    shard_dir: Path,
-    split: str,
-    batch_size: int = 256,
-    device: str = "cpu",
-    progress: ProgressFn | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features `[N, F]` float32 and labels `[N]` of every sample of `split`, in manifest order."""
-    loader = build_loader(
-        shard_dir, split, batch_size=batch_size, image_size=backbone.image_size, channels=backbone.channels,
-        train=False, mean=backbone.mean, std=backbone.std,
-    )  # fmt: skip
-    total = read_manifest(shard_dir)["splits"][split]["count"]
-    model = None if backbone.model is None else backbone.model.to(device).eval()
-    feats, labels, done = [], [], 0
-    for images, y in loader:
-        if model is None:
-            feats.append(images.flatten(1).numpy())  # [B, C*H*W]
-        else:
-            feats.append(model(images.to(device)).pre_logits.float().cpu().numpy())
-        labels.append(y.numpy())
-        done += len(y)
-        if progress is not None:
-            progress(f"{Path(shard_dir).name} {split}", done, total)
-    return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
-
-
-def dataset_features(
-    backbone: Backbone,
-    data: str,
-    cache_dir: str | Path,
-    batch_size: int = 256,
-    device: str = "cpu",
-    progress: ProgressFn | None = None,
-) -> Features:
-    """Train and test features of DATA (shards or a source), from the cache when the same key was extracted."""
-    shard_dir = eval_shards(data, cache_dir)
-    manifest = read_manifest(shard_dir)
-    for split in ("train", "test"):
-        if split not in manifest["splits"]:
-            raise VmoeError(f"{data}: no {split!r} split; re-shard it with `vmoe shard ... --test 0.2`")
-    identity = [FEATURES_VERSION, backbone.key, file_sha256(Path(shard_dir) / "manifest.json")]
-    identity += [backbone.image_size, backbone.channels, backbone.mean, backbone.std]
-    file = Path(cache_dir) / "features" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.npz"
-    num_classes = len(manifest["classes"])
-    if file.is_file():
-        with np.load(file) as z:
-            return Features(z["train_x"], z["train_y"], z["test_x"], z["test_y"], num_classes, 0.0, True)
-    start = time.perf_counter()
-    train_x, train_y = extract(backbone, shard_dir, "train", batch_size, device, progress)
-    test_x, test_y = extract(backbone, shard_dir, "test", batch_size, device, progress)
-    seconds = time.perf_counter() - start
-    file.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    write_bytes_atomic(file, buffer.getvalue())
-    return Features(train_x, train_y, test_x, test_y, num_classes, seconds, False)
-
-
-def sample_indices(
-    labels: np.ndarray, num_classes: int, shots: Sequence[int], seed: int, val_per_class: int
-) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """Few-shot training indices per shot count (nested) and validation indices, disjoint from all of them.
-
-    Class c's examples are permuted by `default_rng([seed, c])`; the first `shots` train, and up to
-    `val_per_class` of those after the largest shot count (taken from the end) validate.
-    """
-    most = max(shots)
-    perms = []
-    for c in range(num_classes):
-        members = np.flatnonzero(labels == c)
-        if len(members) < most:
-            raise VmoeError(
-                f"class {c} has {len(members)} training examples, fewer than the {most} shots asked; lower --shots"
-            )
-        perms.append(np.random.default_rng([seed, c]).permutation(members))
-    train = {s: np.concatenate([p[:s] for p in perms]) for s in shots}
-    val = np.concatenate([p[most:][::-1][:val_per_class] for p in perms])
-    return train, val
-
-
-class Ridge:
-    """Closed-form ridge on standardised features + a bias column of 100, solved for any L2 by one eigh."""
-
-    def __init__(self, train_x: np.ndarray, train_y: np.ndarray, num_classes: int, dual: bool | None = None):
-        x = train_x.astype(np.float64)
-        self.mean, self.std = x.mean(0), x.std(0) + 1e-5
-        self.columns = x.shape[1] + 1
-        # A feature constant over the few-shot set standardises to a zero column, whose ridge weight is exactly
-        # 0; dropping it keeps rounding noise from being multiplied by a test value / 1e-5 (raw pixels).
-        self.used = np.flatnonzero(np.append(np.ptp(x, axis=0) > 0, True))
-        X = self.design(train_x)  # [N, R]: the used columns of the standardised features + bias column
-        Y = 2.0 * np.eye(num_classes)[train_y] - 1.0  # [N, classes]
-        self.dual = X.shape[0] < X.shape[1] if dual is None else dual
-        if self.dual:  # W = X^T (X X^T + l2 I)^-1 Y = X^T U diag(1 / (s + l2)) U^T Y
-            s, U = np.linalg.eigh(X @ X.T)
-            self.to_basis, self.coef = X.T @ U, U.T @ Y  # [R, N], [N, classes]
-        else:  # W = (X^T X + l2 I)^-1 X^T Y = V diag(1 / (s + l2)) V^T X^T Y
-            s, V = np.linalg.eigh(X.T @ X)
-            self.to_basis, self.coef = V, V.T @ (X.T @ Y)  # [R, R], [R, classes]
-        self.eigenvalues = np.clip(s, 0.0, None)  # X^T X is PSD; eigh may return -1e-13
-
-    def design(self, x: np.ndarray) -> np.ndarray:
-        """Used standardised features with the bias column: `[M, R]` float64."""
-        z = (x.astype(np.float64) - self.mean) / self.std
-        return np.concatenate([z, np.full((len(z), 1), BIAS)], axis=1)[:, self.used]
-
-    def weights(self, l2: float) -> np.ndarray:
-        """The solution `[F + 1, classes]` at one L2 value (zero rows for the dropped constant features)."""
-        w = np.zeros((self.columns, self.coef.shape[1]))
-        w[self.used] = self.to_basis @ (self.coef / (self.eigenvalues + l2)[:, None])
-        return w
-
-    def scores(self, x: np.ndarray, l2s: Sequence[float]) -> np.ndarray:
-        """Class scores `[len(l2s), M, classes]` of features `x` at each L2 value."""
-        p = self.design(x) @ self.to_basis  # [M, R or N]: x in the eigenbasis
-        return np.stack([(p / (self.eigenvalues + l2)) @ self.coef for l2 in l2s])
-
-
-class Logistic:
-    """scikit-learn's multinomial logistic regression on standardised features, C = 1 / L2; for comparison."""
-
-    def __init__(self, train_x: np.ndarray, train_y: np.ndarray, num_classes: int):
-        self.mean, self.std = train_x.mean(0), train_x.std(0) + 1e-5
-        self.x, self.y, self.num_classes = (train_x - self.mean) / self.std, train_y, num_classes
-        self.fits: dict[float, Any] = {}
-
-    def scores(self, x: np.ndarray, l2s: Sequence[float]) -> np.ndarray:
-        """Class scores `[len(l2s), M, classes]`, fitting once per L2 value."""
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-
-        out = np.zeros((len(l2s), len(x), self.num_classes))
-        for i, l2 in enumerate(l2s):
-            if l2 not in self.fits:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    self.fits[l2] = LogisticRegression(C=1.0 / l2, max_iter=500).fit(self.x, self.y)
-            fit = self.fits[l2]
-            out[i][:, fit.classes_] = fit.decision_function((x - self.mean) / self.std)
-        return out
-
-
-PROBES = {"ridge": Ridge, "logistic": Logistic}
-
-
-def probe(
-    features: Features,
-    shots: Sequence[int],
-    seeds: int,
-    l2: float | None = None,
-    kind: str = "ridge",
-    val_per_class: int = 10,
-) -> list[dict[str, Any]]:
-    """Test accuracy per shot count and seed; L2 from `L2_GRID` by validation accuracy unless given."""
-    if kind not in PROBES:
-        raise VmoeError(f"--probe must be one of {', '.join(PROBES)}, got {kind!r}")
-    rows = []
-    for seed in range(seeds):
-        train, val = sample_indices(features.train_y, features.num_classes, shots, seed, val_per_class)
-        if l2 is None and len(val) == 0:
-            raise VmoeError("no training examples are left to choose L2 after the largest shot count; pass --l2 VALUE")
-        for s in shots:
-            fit = PROBES[kind](features.train_x[train[s]], features.train_y[train[s]], features.num_classes)
-            if l2 is None:
-                val_acc = _accuracy(fit.scores(features.train_x[val], L2_GRID), features.train_y[val])
-                best = len(L2_GRID) - 1 - int(np.argmax(val_acc[::-1]))  # the largest L2 among the best
-                chosen, chosen_val = L2_GRID[best], float(val_acc[best])
-            else:
-                chosen, chosen_val = l2, None
-            test_acc = _accuracy(fit.scores(features.test_x, [chosen]), features.test_y)[0]
-            rows.append(
-                {"shots": s, "seed": seed, "accuracy": float(test_acc), "l2": chosen, "val_accuracy": chosen_val}
-            )
-    return rows
-
-
-def run_fewshot(
-    backbone: Backbone,
-    datasets: Sequence[str],
-    shots: Sequence[int] = (1, 5, 10, 25),
-    seeds: int = 3,
-    l2: float | None = None,
-    kind: str = "ridge",
-    cache_dir: str | Path = "~/.cache/vmoe",
-    batch_size: int = 256,
-    device: str | None = None,
-    progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Probe every dataset with a frozen backbone (`load_backbone`); per dataset its rows and timings."""
-    if not shots or min(shots) < 1 or seeds < 1:
-        raise VmoeError("--shots must be positive integers and --seeds at least 1")
-    cache_dir = Path(cache_dir).expanduser()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results: dict[str, Any] = {"checkpoint": backbone.name, "probe": kind, "shots": list(shots), "seeds": seeds}
-    results["l2"] = "grid" if l2 is None else l2
-    results["datasets"] = {}
-    for data in datasets:
-        features = dataset_features(backbone, data, cache_dir, batch_size, device, progress)
-        start = time.perf_counter()
-        rows = probe(features, shots, seeds, l2, kind)
-        results["datasets"][data] = {
-            "extract_seconds": features.seconds,
-            "cached": features.cached,
-            "solve_seconds": time.perf_counter() - start,
-            "features": int(features.train_x.shape[1]),
-            "train": len(features.train_y),
-            "test": len(features.test_y),
-            "summary": summarize(rows),
-            "rows": rows,
-        }
-    return results
+        opened.model.set_routing(**routing)
+    return model_backbone(opened)
 
 
 def write_results(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
@@ -338,17 +51,3 @@ def write_results(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]
     csv = out.with_suffix(".csv")
     write_text_atomic(csv, "\n".join(lines) + "\n")
     return out, csv
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """Mean and population std of the test accuracy over seeds, per shot count."""
-    out = {}
-    for s in sorted({row["shots"] for row in rows}):
-        acc = np.array([row["accuracy"] for row in rows if row["shots"] == s])
-        out[s] = {"mean": float(acc.mean()), "std": float(acc.std())}
-    return out
-
-
-def _accuracy(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Top-1 accuracy per L2 value of scores `[L, M, classes]`."""
-    return (scores.argmax(-1) == labels[None]).mean(-1)

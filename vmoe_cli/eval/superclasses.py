@@ -10,7 +10,6 @@ k-means centres and an optimal assignment of classes to centre slots.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +19,31 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 from vmoe_cli.atomic import write_text_atomic
-from vmoe_cli.checkpoint import load_model, load_recipe_of, resolve_checkpoint
-from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import read_manifest
-from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.sweep import split_loader
-from vmoe_cli.models.vit import VisionTransformer
+from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_loader, open_checkpoint, open_data
 
 AFFINITY_EPS = 1e-4  # added to every off-diagonal affinity so the class graph is connected
-ProgressFn = Callable[[str, int, int], None]  # (what, images done, images in all)
 
 
 @torch.inference_mode()
 def confusion_matrix(
-    model: VisionTransformer,
-    shard_dir: Path,
+    opened: Opened,
+    source: EvalData,
     split: str,
-    data: DataConfig | None,
     batch_size: int = 256,
     device: str = "cpu",
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """Counts int64 `[classes, classes]` of (true class, predicted class) over `split`, read with the model's
-    training normalisation `data`, so the errors are the ones the model makes in use."""
-    manifest = read_manifest(shard_dir)
-    classes = len(manifest["classes"])
-    if model.cfg.num_classes != classes:
-        raise VmoeError(f"the model predicts {model.cfg.num_classes} classes but {shard_dir} has {classes}")
-    loader = split_loader(shard_dir, split, batch_size, model, data)
-    total = manifest["splits"][split]["count"]
-    model = model.to(device).eval()
+    training preprocessing, so the errors are the ones the model makes in use."""
+    classes = len(source.manifest["classes"])
+    if opened.model.cfg.num_classes != classes:
+        raise VmoeError(
+            f"the model predicts {opened.model.cfg.num_classes} classes but {source.shard_dir} has {classes}"
+        )
+    loader = eval_loader(source.shard_dir, split, batch_size, opened.preprocess)
+    total = source.manifest["splits"][split]["count"]
+    model = opened.model.to(device).eval()
     counts = np.zeros(classes * classes, dtype=np.int64)
     done = 0
     for images, labels in loader:
@@ -58,7 +51,7 @@ def confusion_matrix(
         counts += np.bincount(labels.numpy() * classes + predicted, minlength=classes * classes)
         done += len(labels)
         if progress is not None:
-            progress(f"{Path(shard_dir).name} {split}", done, total)
+            progress(f"{source.shard_dir.name} {split}", done, total)
     return counts.reshape(classes, classes)
 
 
@@ -119,22 +112,16 @@ def find_superclasses(
     `checkpoint` (a checkpoint or run directory) on `split`; a JSON-able record for write_superclasses."""
     if split == "test":
         raise VmoeError("--split test: super-classes must not see test data; use the held-out minival slice of train")
-    ckpt = resolve_checkpoint(checkpoint, "--checkpoint")
-    model = load_model(ckpt)
-    if model.cfg.num_classes <= 0:
+    opened = open_checkpoint(checkpoint)
+    if opened.model.cfg.num_classes <= 0:
         raise VmoeError(f"--checkpoint {checkpoint}: the model has no classification head to confuse classes with")
-    shard_dir = eval_shards(data, Path(cache_dir).expanduser())
-    manifest = read_manifest(shard_dir)
-    if split not in manifest["splits"]:
-        raise VmoeError(
-            f"{data}: no split {split!r} (has: {', '.join(manifest['splits'])}); shard a held-out slice of train "
-            "with `vmoe shard SOURCE --out DIR --minival 0.05`"
-        )
-    names = manifest["classes"]
+    hint = "shard a held-out slice of train with `vmoe shard SOURCE --out DIR --minival 0.05`"
+    source = open_data(data, cache_dir, [split], hint)
+    names = source.manifest["classes"]
     if not 1 <= experts <= len(names):
         raise VmoeError(f"--experts {experts}: choose 1..{len(names)} for the {len(names)} classes of {data}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    confusion = confusion_matrix(model, shard_dir, split, load_recipe_of(ckpt).data, batch_size, device, progress)
+    confusion = confusion_matrix(opened, source, split, batch_size, device, progress)
     examples = int(confusion.sum())
     if examples == 0:
         raise VmoeError(f"{data}: split {split!r} is empty; shard it with a larger --minival")
@@ -144,7 +131,7 @@ def find_superclasses(
         for c in members:
             class_to_group[c] = g
     return {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(opened.path),
         "data": str(data),
         "split": split,
         "examples": examples,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,10 @@ from typing import Any
 import torch
 
 from vmoe_cli.atomic import write_text_atomic
-from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
-from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import Loader, build_loader, read_manifest
-from vmoe_cli.data.shard import eval_shards, file_sha256
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.fewshot import model_backbone, run_fewshot
 from vmoe_cli.eval.flops import flops_per_image
+from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_loader, open_checkpoint, open_data
+from vmoe_cli.eval.probe import model_backbone, run_fewshot
 from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.vit import VisionTransformer
 
@@ -40,7 +37,6 @@ CSV_COLUMNS = (
     "k", "capacity_factor", "bpr", "k_above_trained", "top1", "dropped_all", "dropped_any", "gflops",
     "images_per_s", "latency_ms", "fewshot_top1",
 )  # fmt: skip
-ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
 
 
 @dataclass(frozen=True)
@@ -76,17 +72,9 @@ def make_grid(ks: Sequence[int], capacities: Sequence[float], bprs: Sequence[boo
     return [GridPoint(k, float(c), b) for k in ks for b in bprs for c in sorted(capacities)]
 
 
-def sweep_axes(moe: MoEConfig) -> tuple[str, ...]:
-    """The settings a sweep can vary for this router: K and BPR only where tokens (or images) choose experts;
-    expert choice has only its capacity; Soft MoE nothing (its slots are weights and it drops no token)."""
-    if moe.router == "soft":
-        return ()
-    return ("k", "capacity_factor", "bpr") if moe.is_token_choice else ("capacity_factor",)
-
-
 def applicable_points(points: Sequence[GridPoint], moe: MoEConfig) -> list[GridPoint]:
     """`points` with the axes the router lacks held at their trained values, duplicates removed, order kept."""
-    axes = sweep_axes(moe)
+    axes = moe.kind.sweep_axes
     fixed = [
         GridPoint(p.k if "k" in axes else moe.k, p.capacity_factor, p.bpr if "bpr" in axes else moe.bpr) for p in points
     ]
@@ -105,68 +93,90 @@ def sweep(
 ) -> dict[str, Any]:
     """Run (or resume) the sweep; write sweep.json and sweep.csv into `out_dir` and return the results."""
     options = options or SweepOptions()
-    out = Path(out_dir)
     cache_dir = Path(cache_dir).expanduser()
-    ckpt = resolve_checkpoint(checkpoint, "--checkpoint")
-    model = load_model(ckpt).to(options.device)
-    if model.cfg.moe is None:
-        raise VmoeError(f"--checkpoint {checkpoint}: a dense model has nothing to sweep; pass it as --baseline")
-    if not sweep_axes(model.cfg.moe):
-        raise VmoeError(
-            f"--checkpoint {checkpoint}: Soft MoE drops no token and its slots are weights; nothing to sweep"
-        )
-    points = applicable_points(points, model.cfg.moe)
-    for p in points:
-        if p.k > model.cfg.moe.num_experts:
-            raise VmoeError(f"--k {p.k}: the model has only {model.cfg.moe.num_experts} experts")
-    recipe_data = load_recipe_of(ckpt).data or DataConfig()
-    shard_dir = eval_shards(data, cache_dir)
-    manifest = read_manifest(shard_dir)
-    if options.split not in manifest["splits"]:
-        raise VmoeError(f"{data}: no split {options.split!r} (has: {', '.join(manifest['splits'])}); pass --split")
-    weights_sha = file_sha256(ckpt / WEIGHTS)
-    trained = asdict(model.cfg.moe)
-    identity = {
-        "checkpoint": weights_sha, "data": file_sha256(shard_dir / "manifest.json"), "split": options.split,
-        "batch_size": options.batch_size, "throughput_batch": options.throughput_batch,
-        "fewshot_shots": options.fewshot_shots, "points": [p.name for p in points],
-        "baseline": None if baseline is None else str(baseline),
-    }  # fmt: skip
+    opened, points = _open_model(checkpoint, points, options.device)
+    trained = asdict(opened.model.cfg.moe)  # before any grid point's routing replaces it
+    source = open_data(data, cache_dir, [options.split], "pass --split")
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out / STATE, identity)
+    state = _load_state(out / STATE, _identity(opened, source, points, options, baseline))
     save = _Saver(out / STATE, state)
 
     if state.get("batches") is None or state["batches_done"] < state["batches"]:
-        _accuracy_pass(model, points, shard_dir, recipe_data, options, state, save, progress)
-    images = _first_batch(shard_dir, options, model, recipe_data)
+        _accuracy_pass(opened, source, points, options, save, progress)
+    loader = eval_loader(source.shard_dir, options.split, options.throughput_batch, opened.preprocess)
+    images = next(iter(loader))[0].to(options.device)  # the timed input
     for i, p in enumerate(points):
         result = state["points"][p.name]
         if "images_per_s" not in result:
-            _set_routing(model, p)
-            result.update(time_forward(model, images, options))
+            _set_routing(opened.model, p)
+            result.update(time_forward(opened.model, images, options))
             save(force=True)
         if options.fewshot_shots and "fewshot_top1" not in result:
-            _set_routing(model, p)
-            backbone = model_backbone(model, str(checkpoint), weights_sha, recipe_data)
-            fs = run_fewshot(backbone, [data], [options.fewshot_shots], 3, cache_dir=cache_dir, device=options.device)
+            _set_routing(opened.model, p)
+            fs = run_fewshot(model_backbone(opened), [data], [options.fewshot_shots], 3, cache_dir=cache_dir,
+                             device=options.device)  # fmt: skip
             result["fewshot_top1"] = fs["datasets"][data]["summary"][options.fewshot_shots]["mean"]
             save(force=True)
         if progress is not None:
             progress("timing", i + 1, len(points))
     if baseline is not None and "baseline" not in state:
-        state["baseline"] = _baseline(baseline, shard_dir, options, images)
+        state["baseline"] = _baseline(baseline, source, options, images)
         save(force=True)
 
+    results = _results(opened, trained, data, points, options, state)
+    write_text_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / "sweep.csv", _csv(results["rows"]))
+    return results
+
+
+def _open_model(checkpoint: str | Path, points: Sequence[GridPoint], device: str) -> tuple[Opened, list[GridPoint]]:
+    """The V-MoE of `checkpoint` on `device` and the points that apply to its router; one-line errors for a
+    model with nothing to sweep or a K above its experts."""
+    opened = open_checkpoint(checkpoint)
+    moe = opened.model.to(device).cfg.moe
+    if moe is None:
+        raise VmoeError(f"--checkpoint {checkpoint}: a dense model has nothing to sweep; pass it as --baseline")
+    if not moe.kind.sweep_axes:
+        raise VmoeError(
+            f"--checkpoint {checkpoint}: Soft MoE drops no token and its slots are weights; nothing to sweep"
+        )
+    points = applicable_points(points, moe)
+    for p in points:
+        if p.k > moe.num_experts:
+            raise VmoeError(f"--k {p.k}: the model has only {moe.num_experts} experts")
+    return opened, points
+
+
+def _identity(
+    opened: Opened, source: EvalData, points: Sequence[GridPoint], options: SweepOptions, baseline: str | Path | None
+) -> dict[str, Any]:
+    """What a saved state must match to be resumed: weights, data, split, batch sizes, grid and baseline."""
+    return {
+        "checkpoint": opened.weights_sha256, "data": source.manifest_sha256, "split": options.split,
+        "batch_size": options.batch_size, "throughput_batch": options.throughput_batch,
+        "fewshot_shots": options.fewshot_shots, "points": [p.name for p in points],
+        "baseline": None if baseline is None else str(baseline),
+    }  # fmt: skip
+
+
+def _results(
+    opened: Opened,
+    trained: dict[str, Any],
+    data: str,
+    points: Sequence[GridPoint],
+    options: SweepOptions,
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """The sweep's record: the trained routing, one row per grid point and the baseline."""
+    model = opened.model
     rows = [_row(model, p, state["points"][p.name], trained["k"], options.batch_size) for p in points]
-    results = {
-        "checkpoint": str(checkpoint), "data": data, "split": options.split,
+    return {
+        "checkpoint": opened.name, "data": data, "split": options.split,
         "trained": {"k": trained["k"], "capacity_factor": trained["capacity_factor"], "bpr": trained["bpr"]},
-        "router": trained["router"], "axes": list(sweep_axes(model.cfg.moe)),
+        "router": trained["router"], "axes": list(model.cfg.moe.kind.sweep_axes),
         "options": asdict(options), "rows": rows, "baseline": state.get("baseline"),
     }  # fmt: skip
-    write_text_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
-    write_text_atomic(out / "sweep.csv", _csv(rows))
-    return results
 
 
 def _row(model: VisionTransformer, p: GridPoint, r: dict[str, Any], trained_k: int, batch_size: int) -> dict:
@@ -190,27 +200,25 @@ def _row(model: VisionTransformer, p: GridPoint, r: dict[str, Any], trained_k: i
 
 @torch.inference_mode()
 def _accuracy_pass(
-    model: VisionTransformer,
+    opened: Opened,
+    source: EvalData,
     points: Sequence[GridPoint],
-    shard_dir: Path,
-    data: DataConfig,
     options: SweepOptions,
-    state: dict[str, Any],
     save: _Saver,
     progress: ProgressFn | None,
 ) -> None:
     """One pass over the split: dense prefix once per batch, then the MoE part for every grid point."""
+    model, state = opened.model, save.state
     first_moe = model.first_moe
-    loader = split_loader(shard_dir, options.split, options.batch_size, model, data, state["batches_done"])
+    loader = eval_loader(source.shard_dir, options.split, options.batch_size, opened.preprocess, state["batches_done"])
     state["batches"] = loader.steps
     for images, labels in loader:
         images, labels = images.to(options.device), labels.to(options.device)
-        x_BND, aux, _ = model.run_blocks(model.embed(images), stop=first_moe)
+        dense_BND = model.run_blocks(model.embed(images), stop=first_moe).x_BND
         for p in points:
             _set_routing(model, p)
-            y_BND, _, routing = model.run_blocks(x_BND, start=first_moe)
-            logits = model.head_from_tokens(y_BND, aux, routing).logits
-            _accumulate(state["points"][p.name], logits, labels, routing)
+            blocks = model.run_blocks(dense_BND, start=first_moe)
+            _accumulate(state["points"][p.name], model.head_from_tokens(blocks).logits, labels, blocks.routing)
         state["batches_done"] += 1
         save()
         if progress is not None:
@@ -250,11 +258,11 @@ def time_forward(model: VisionTransformer, images: torch.Tensor, options: SweepO
     return {"images_per_s": len(images) / seconds, "latency_ms": 1000 * seconds}
 
 
-def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, images: torch.Tensor) -> dict:
+def _baseline(checkpoint: str | Path, source: EvalData, options: SweepOptions, images: torch.Tensor) -> dict:
     """The dense twin's point: plain top-1, GFLOPs and timing."""
-    ckpt = resolve_checkpoint(checkpoint, "--baseline")
-    model = load_model(ckpt).to(options.device)
-    loader = split_loader(shard_dir, options.split, options.batch_size, model, load_recipe_of(ckpt).data)
+    opened = open_checkpoint(checkpoint, "--baseline")
+    model = opened.model.to(options.device)
+    loader = eval_loader(source.shard_dir, options.split, options.batch_size, opened.preprocess)
     correct = total = 0
     with torch.inference_mode():
         for x, y in loader:
@@ -269,25 +277,8 @@ def _baseline(checkpoint: str | Path, shard_dir: Path, options: SweepOptions, im
     }
 
 
-def _first_batch(shard_dir: Path, options: SweepOptions, model: VisionTransformer, data: DataConfig) -> torch.Tensor:
-    """The first `throughput_batch` images of the split, as the model sees them: the timed input."""
-    loader = split_loader(shard_dir, options.split, options.throughput_batch, model, data)
-    return next(iter(loader))[0].to(options.device)
-
-
-def split_loader(
-    shard_dir: Path, split: str, batch_size: int, model: VisionTransformer, data: DataConfig | None, start: int = 0
-) -> Loader:
-    """Evaluation batches of `split` sized and normalised for `model` (`data`: its recipe's data section)."""
-    data = data or DataConfig()
-    return build_loader(
-        shard_dir, split, batch_size=batch_size, image_size=model.cfg.image_size, channels=model.cfg.channels,
-        train=False, mean=data.mean, std=data.std, start_batch=start,
-    )  # fmt: skip
-
-
 def _set_routing(model: VisionTransformer, p: GridPoint) -> None:
-    model.set_routing(k=p.k, capacity_factor=p.capacity_factor, capacity=None, bpr=p.bpr)
+    model.set_routing(k=p.k, capacity_factor=p.capacity_factor, bpr=p.bpr)
 
 
 def _load_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
