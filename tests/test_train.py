@@ -23,6 +23,7 @@ from vmoe_cli.cli import main
 from vmoe_cli.config import load_recipe
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.train.loop import pretrain
+from vmoe_cli.train.optim import lr_factor, warmup_steps
 from vmoe_cli.train.report import TIMING
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,24 @@ def test_existing_run_needs_resume(digits, tmp_path):
     assert CliRunner().invoke(main, args).exit_code == 0
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "--resume latest" in result.stderr
+
+
+def test_warmup_past_half_a_shortened_run_is_capped_with_a_notice(digits, tmp_path):
+    """`train.steps` set below the recipe's warmup: the lr still reaches its peak, at half the run, then decays."""
+    cfg = load_recipe(RECIPE, ["train.steps=10", "train.warmup_steps=20"]).train
+    factors = [lr_factor(step, 10, cfg) for step in range(10)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[5:] == sorted(factors[5:], reverse=True) and factors[-1] < 0.1  # then the cosine decay
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):  # no shipped recipe warms up past half its run
+        train = load_recipe(path).train
+        assert train is None or train.steps is None or warmup_steps(train.steps, train) == train.warmup_steps
+
+    args = ["pretrain", str(RECIPE), "--out", str(tmp_path / "run")]
+    args += sum((["--set", s] for s in settings(digits, 4, warmup_steps=20, log_every=2)), [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "train.warmup_steps=20 capped to 2, half of the 4 steps" in result.stderr
+    assert [r["lr"] for r in metrics(tmp_path / "run") if "loss" in r][0] == cfg.lr  # step 2: the peak
 
 
 def test_two_cpu_processes_train_evaluate_once_and_resume(digits, tmp_path):

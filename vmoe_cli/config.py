@@ -63,7 +63,7 @@ class TrainConfig:
     #   LayerNorm, position embedding or CLS; decoupled for adamw, torch's L2 for sgd
     momentum: float = 0.9  # sgd momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw betas
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr; capped at half of the run
     schedule: Literal["cosine", "linear", "rsqrt", "constant"] = "cosine"  # decay after warmup (to 0 but rsqrt)
     grad_clip: float | None = 1.0  # clip the global gradient norm to this; null = no clipping
     label_smoothing: float = 0.0  # targets (1 - s) * one_hot + s / classes

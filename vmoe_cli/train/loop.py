@@ -4,7 +4,8 @@ Accelerate owns devices, processes, mixed precision and gradient accumulation; `
 model, optimiser and scheduler only, never the loader, which is already split per rank (DESIGN.md
 section 4). Determinism: before every step the global torch RNG (router noise, dropout) and the mixup
 generator are reseeded from (seed, step, rank), and the loader resumes at (epoch, batch), so a run
-resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+resumed from a checkpoint takes exactly the steps an uninterrupted run takes. What a checkpoint restores
+(`TrainState`) and the run's fixed parts (`Run`) are in state.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +22,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from vmoe_cli.checkpoint import (
-    checkpoint_dir,
-    find_resume,
-    load_recipe_of,
-    load_train_state,
-    load_weights,
-    save_checkpoint,
-)
+from vmoe_cli.checkpoint import checkpoint_dir, find_resume, load_recipe_of, load_weights, save_checkpoint
 from vmoe_cli.config import DataConfig, Recipe, TrainConfig, dump_recipe, recipe_to_dict
 from vmoe_cli.data.augment import mixup
 from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
-from vmoe_cli.train.distributed import forward_passes, full_states, load_optimizer_state, make_accelerator
-from vmoe_cli.train.optim import build_optimizer, build_scheduler, freeze
+from vmoe_cli.train.distributed import forward_passes, full_states, make_accelerator
+from vmoe_cli.train.optim import build_optimizer, build_scheduler, freeze, warmup_steps
 from vmoe_cli.train.report import Reporter
+from vmoe_cli.train.state import Batches, Run, TrainState
 
 
 def pretrain(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
@@ -47,95 +41,39 @@ def pretrain(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> 
 
 def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransformer | None = None) -> dict[str, Any]:
     """The loop. `model` (finetune) replaces the recipe's freshly initialised one; resume restores everything."""
-    data, cfg = _sections(recipe)
-    accelerator = make_accelerator(cfg)
-    micro = _micro_batch(cfg, accelerator.num_processes)
-    ckpt = find_resume(run_dir, resume) if resume else None
-    if ckpt is None and (checkpoint_dir(run_dir) / "last").exists():
-        raise VmoeError(f"{run_dir} already has checkpoints: add --resume latest, or choose another --out")
-    _seed_everything(cfg.seed)
-    model = model or VisionTransformer(recipe.model)
-    freeze(model, cfg.freeze)
-
-    def loader(epoch: int, start: int) -> Loader:
-        return _train_loader(data, cfg, recipe, micro, accelerator, epoch, start)
-
-    total = cfg.steps or math.ceil(cfg.epochs * loader(0, 0).steps / cfg.grad_accum)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, total, cfg)
-    state = {"step": 0, "epoch": 0, "batch": 0}
+    ckpt = _resume_from(recipe, run_dir, resume)
+    run = _setup(recipe, run_dir, model, ckpt)
+    state = TrainState.load(ckpt) if ckpt is not None else TrainState()
     if ckpt is not None:
-        _check_same_model(recipe, ckpt)
-        model.load_state_dict(load_weights(ckpt))
-        state = load_train_state(ckpt)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if ckpt is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"], accelerator)
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"])
-        if accelerator.scaler is not None and "scaler" in state:
-            accelerator.scaler.load_state_dict(state["scaler"])  # fp16 loss scale
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-
-    step_model = _compiled(model, accelerator) if cfg.compile else model  # evaluation and checkpoints: `model`
-    step, stream = state["step"], Batches(loader, state["epoch"], state["batch"])
-    reporter = Reporter(run_dir, accelerator.is_main_process, total, step, cfg.tensorboard)
-    spread = "FSDP2" if accelerator.is_fsdp2 else "DDP" if accelerator.num_processes > 1 else "1 process"
-    reporter.note(f"{accelerator.num_processes} x {accelerator.device.type}, {spread}; steps {step} -> {total}")
+        state.restore(run)
+    cfg, step, stream = run.cfg, state.step, Batches(run.loader, state.epoch, state.batch)
+    reporter = Reporter(run_dir, run.accelerator.is_main_process, run.total, step, cfg.tensorboard)
+    _notes(run, step, reporter)
     result: dict[str, Any] = {}
     try:
-        while step < total:
-            log = (step + 1) % cfg.log_every == 0 or step + 1 == total
-            record = train_step(step, step_model, optimizer, scheduler, stream, accelerator, cfg, data, log)
+        while step < run.total:
+            log = (step + 1) % cfg.log_every == 0 or step + 1 == run.total
+            record = train_step(run, stream, step, log)
             step += 1
             if record is not None:
                 reporter.train(_to_json(record), cfg.batch_size)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-                result = {"step": step, **evaluate(accelerator.unwrap_model(model), data, recipe, micro, accelerator)}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
+                unwrapped = run.accelerator.unwrap_model(run.model)
+                result = {"step": step, **evaluate(unwrapped, run.data, recipe, run.micro, run.accelerator)}
                 reporter.eval(result)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total:
-                checkpoint(run_dir, step, model, optimizer, scheduler, stream, recipe, accelerator)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == run.total:
+                checkpoint(run, stream, step)
     finally:
         reporter.close()
     return result
 
 
-class Batches:
-    """Micro-batches across epochs; (epoch, batch) is the position of the next one, what checkpoints store."""
-
-    def __init__(self, make_loader: Callable[[int, int], Loader], epoch: int, batch: int):
-        self.make_loader, self.epoch, self.batch = make_loader, epoch, batch
-        self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        while True:
-            if self._it is None:
-                self._it = iter(self.make_loader(self.epoch, self.batch))
-            item = next(self._it, None)
-            if item is not None:
-                self.batch += 1
-                return item
-            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
-
-
-def train_step(
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    stream: Batches,
-    accelerator: Accelerator,
-    cfg: TrainConfig,
-    data: DataConfig,
-    log: bool,
-) -> dict[str, Any] | None:
+def train_step(run: Run, stream: Batches, step: int, log: bool) -> dict[str, Any] | None:
     """One optimiser step over `grad_accum` micro-batches; with `log`, returns the step's metrics as tensors.
 
     Without `log` nothing is reduced across ranks and the routing metrics are never computed.
     """
+    cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.step_model, run.optimizer
     seed = random.Random(f"step:{cfg.seed}:{step}:{accelerator.process_index}").getrandbits(63)
     torch.manual_seed(seed)  # router noise and dropout depend on (seed, step, rank) only
     generator = torch.Generator().manual_seed(seed)  # mixup
@@ -146,8 +84,8 @@ def train_step(
         images, labels = images.to(accelerator.device), labels.to(accelerator.device)
         targets = F.one_hot(labels, accelerator.unwrap_model(model).cfg.num_classes).float()
         targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / targets.shape[-1]
-        if data.augment.mixup > 0:
-            images, targets = mixup(images, targets, data.augment.mixup, generator)
+        if run.data.augment.mixup > 0:
+            images, targets = mixup(images, targets, run.data.augment.mixup, generator)
         with accelerator.accumulate(model):
             out: ModelOutput = model(images, labels)  # labels: the per-image router's super-class guidance
             loss = task_loss(out.logits.float(), targets, cfg.loss)
@@ -159,8 +97,8 @@ def train_step(
             optimizer.zero_grad()
         losses.append(loss.detach())
         aux_losses.append(out.aux_loss.detach())
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
     if not log:
         return None
     record: dict[str, Any] = {"step": step + 1, "epoch": stream.epoch, "lr": lr}
@@ -201,32 +139,61 @@ def evaluate(
     return {"eval_top1": correct / max(total, 1), "eval_correct": correct, "eval_total": total}
 
 
-def checkpoint(
-    run_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    stream: Batches,
-    recipe: Recipe,
-    accelerator: Accelerator,
-) -> None:
+def checkpoint(run: Run, stream: Batches, step: int) -> None:
     """Save weights, recipe and resumable state from rank 0, with every rank waiting around it."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    weights, optimizer_state = full_states(model, optimizer, accelerator)  # every rank: FSDP gathers
+    weights, optimizer_state = full_states(run.model, run.optimizer, accelerator)  # every rank: FSDP gathers
     if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "epoch": stream.epoch,
-            "batch": stream.batch,
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        }
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()  # fp16: the dynamic loss scale
-        save_checkpoint(run_dir, step, weights, recipe, state, recipe.train.keep_last)
+        state = TrainState.capture(run, stream, step, optimizer_state)
+        save_checkpoint(run.run_dir, step, weights, run.recipe, state.to_dict(), run.cfg.keep_last)
     accelerator.wait_for_everyone()
+
+
+def _resume_from(recipe: Recipe, run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from (None: start); a run directory with checkpoints needs --resume."""
+    ckpt = find_resume(run_dir, resume) if resume else None
+    if ckpt is None and (checkpoint_dir(run_dir) / "last").exists():
+        raise VmoeError(f"{run_dir} already has checkpoints: add --resume latest, or choose another --out")
+    if ckpt is not None:
+        _check_same_model(recipe, ckpt)
+    return ckpt
+
+
+def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt: Path | None) -> Run:
+    """Accelerator, model (`ckpt`'s weights when resuming), optimiser and schedule, prepared; the run directory."""
+    data, cfg = _sections(recipe)
+    accelerator = make_accelerator(cfg)
+    micro = _micro_batch(cfg, accelerator.num_processes)
+    _seed_everything(cfg.seed)
+    model = model or VisionTransformer(recipe.model)
+    freeze(model, cfg.freeze)
+    if ckpt is not None:
+        model.load_state_dict(load_weights(ckpt))
+
+    def loader(epoch: int, start: int) -> Loader:
+        return _train_loader(data, cfg, recipe, micro, accelerator, epoch, start)
+
+    total = cfg.steps or math.ceil(cfg.epochs * loader(0, 0).steps / cfg.grad_accum)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, total, cfg)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    step_model = _compiled(model, accelerator) if cfg.compile else model
+    return Run(recipe, data, cfg, run_dir, accelerator, model, step_model, optimizer, scheduler, loader, micro, total)
+
+
+def _notes(run: Run, step: int, reporter: Reporter) -> None:
+    """The run's opening lines: how it is spread over processes, and a warmup cut short to fit the run."""
+    accelerator = run.accelerator
+    spread = "FSDP2" if accelerator.is_fsdp2 else "DDP" if accelerator.num_processes > 1 else "1 process"
+    reporter.note(f"{accelerator.num_processes} x {accelerator.device.type}, {spread}; steps {step} -> {run.total}")
+    warmup = warmup_steps(run.total, run.cfg)
+    if warmup < run.cfg.warmup_steps:
+        reporter.note(f"train.warmup_steps={run.cfg.warmup_steps} capped to {warmup}, half of the {run.total} steps")
 
 
 def _sections(recipe: Recipe) -> tuple[DataConfig, TrainConfig]:
@@ -284,12 +251,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
 
 
 def _to_json(record: dict[str, Any]) -> dict[str, Any]:

@@ -45,9 +45,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=not cfg.fsdp)
 
 
+def warmup_steps(total: int, cfg: TrainConfig) -> int:
+    """The recipe's warmup, capped at half of the run's `total` steps.
+
+    A run shortened for a quick try (`--set train.steps=150` on a recipe warming up for 200) still reaches
+    the peak learning rate and decays; every shipped recipe warms up for less than half its run.
+    """
+    return min(cfg.warmup_steps, total // 2)
+
+
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate at `step` (0-based) as a fraction of the peak: linear warmup, then the decay."""
-    warmup = cfg.warmup_steps
+    warmup = warmup_steps(total, cfg)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "rsqrt":

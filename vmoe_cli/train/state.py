@@ -1,0 +1,109 @@
+"""What a training run holds: its fixed parts (`Run`), its resumable state (`TrainState`), its batches (`Batches`).
+
+`TrainState` is everything a checkpoint's train_state.pt stores besides the weights and the recipe: the
+step, the loader position (epoch, batch), the optimiser, schedule, RNG and fp16 loss-scale states. It is
+written as a plain dict with those keys (the `scaler` key only under fp16), so run directories of any
+version of this loop resume.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from vmoe_cli.checkpoint import load_train_state
+from vmoe_cli.config import DataConfig, Recipe, TrainConfig
+from vmoe_cli.data.loader import Loader
+from vmoe_cli.train.distributed import load_optimizer_state
+
+
+@dataclass
+class Run:
+    """A run's fixed parts: the recipe and its sections, the prepared model, optimiser and schedule."""
+
+    recipe: Recipe
+    data: DataConfig
+    cfg: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared (DDP or FSDP): evaluation and checkpoints
+    step_model: torch.nn.Module  # `model`, or it under torch.compile: train steps
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Callable[[int, int], Loader]  # this rank's train loader at (epoch, first batch)
+    micro: int  # images per process per micro-batch
+    total: int  # optimiser steps of the whole run
+
+
+class Batches:
+    """Micro-batches across epochs; (epoch, batch) is the position of the next one, what checkpoints store."""
+
+    def __init__(self, make_loader: Callable[[int, int], Loader], epoch: int, batch: int):
+        self.make_loader, self.epoch, self.batch = make_loader, epoch, batch
+        self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._it is None:
+                self._it = iter(self.make_loader(self.epoch, self.batch))
+            item = next(self._it, None)
+            if item is not None:
+                self.batch += 1
+                return item
+            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+
+
+@dataclass
+class TrainState:
+    """The resumable state after `step` optimiser steps; a fresh run starts from the defaults."""
+
+    step: int = 0
+    epoch: int = 0  # the loader position of the next micro-batch
+    batch: int = 0
+    optimizer: dict[str, Any] | None = None  # full (unsharded) state, as `full_states` gathers it
+    scheduler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None  # python, numpy and torch global generators
+    scaler: dict[str, Any] | None = None  # fp16: the dynamic loss scale
+
+    @classmethod
+    def capture(cls, run: Run, stream: Batches, step: int, optimizer: dict[str, Any]) -> TrainState:
+        """The state now, with `optimizer` the full optimiser state (gathered on every rank beforehand)."""
+        scaler = run.accelerator.scaler
+        return cls(
+            step=step,
+            epoch=stream.epoch,
+            batch=stream.batch,
+            optimizer=optimizer,
+            scheduler=run.scheduler.state_dict(),
+            rng={"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            scaler=scaler.state_dict() if scaler is not None else None,
+        )
+
+    @classmethod
+    def load(cls, ckpt: Path) -> TrainState:
+        """The state stored in checkpoint directory `ckpt`."""
+        return cls(**load_train_state(ckpt))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What train_state.pt holds: the fields, `scaler` only when there is one."""
+        state = dict(vars(self))  # shallow: the optimiser's tensors are not copied
+        if state["scaler"] is None:
+            del state["scaler"]
+        return state
+
+    def restore(self, run: Run) -> None:
+        """Put the optimiser, schedule, RNG and loss-scale states into the prepared `run` (every rank)."""
+        load_optimizer_state(run.model, run.optimizer, self.optimizer, run.accelerator)
+        run.scheduler.load_state_dict(self.scheduler)
+        random.setstate(self.rng["python"])
+        np.random.set_state(self.rng["numpy"])
+        torch.set_rng_state(self.rng["torch"])
+        if run.accelerator.scaler is not None and self.scaler is not None:
+            run.accelerator.scaler.load_state_dict(self.scaler)
