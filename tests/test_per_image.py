@@ -81,7 +81,7 @@ def test_superclass_guidance_is_computed_in_training_from_the_model_output():
     importance = model.cfg.moe.importance_weight * importance_loss(logits_BE.softmax(-1)[None])
     assert torch.allclose(out.aux_loss, importance, atol=1e-6)  # the model adds no guidance itself
     guidance = superclass_guidance(model.cfg.moe, "cpu")
-    total = out.aux_loss + guidance.weight * guidance.loss(out, labels)
+    total = out.aux_loss + guidance.weighted(out, labels)
     assert torch.allclose(total, importance + 0.3 * expected, atol=1e-6)
     assert guidance.metrics(out, labels)["superclass_loss"] == pytest.approx(expected.item(), rel=1e-6)
     assert superclass_guidance(per_image().cfg.moe, "cpu") is None  # no super-classes: nothing to guide

@@ -29,6 +29,7 @@ from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
 from vmoe_cli.train.distributed import forward_passes, full_states, make_accelerator
+from vmoe_cli.train.losses import superclass_guidance, task_loss
 from vmoe_cli.train.optim import build_optimizer, build_scheduler, freeze, warmup_steps
 from vmoe_cli.train.report import Reporter
 from vmoe_cli.train.state import Batches, Run, TrainState
@@ -87,16 +88,17 @@ def train_step(run: Run, stream: Batches, step: int, log: bool) -> dict[str, Any
         if run.data.augment.mixup > 0:
             images, targets = mixup(images, targets, run.data.augment.mixup, generator)
         with accelerator.accumulate(model):
-            out: ModelOutput = model(images, labels)  # labels: the per-image router's super-class guidance
+            out: ModelOutput = model(images)
             loss = task_loss(out.logits.float(), targets, cfg.loss)
-            _check_finite(loss + out.aux_loss, step, accelerator)
-            accelerator.backward(loss + out.aux_loss)
+            aux = out.aux_loss if run.guidance is None else out.aux_loss + run.guidance.weighted(out, labels)
+            _check_finite(loss + aux, step, accelerator)
+            accelerator.backward(loss + aux)
             if accelerator.sync_gradients and cfg.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad()
         losses.append(loss.detach())
-        aux_losses.append(out.aux_loss.detach())
+        aux_losses.append(aux.detach())
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     if not log:
@@ -106,14 +108,9 @@ def train_step(run: Run, stream: Batches, step: int, log: bool) -> dict[str, Any
     record["aux_loss"] = torch.stack(aux_losses).mean()
     for block, route in out.routing.items():  # this rank's last micro-batch
         record.update({f"moe{block}/{name}": value for name, value in route.metrics.items()})
+    if run.guidance is not None:  # logged with the block where the image router decides
+        record.update({f"moe{min(out.routing)}/{k}": v for k, v in run.guidance.metrics(out, labels).items()})
     return record
-
-
-def task_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-    """Softmax cross-entropy, or sigmoid BCE summed over classes (big_vision), both on soft targets."""
-    if kind == "sigmoid":
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
-    return F.cross_entropy(logits, targets)
 
 
 @torch.no_grad()
@@ -183,7 +180,10 @@ def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt:
         dump_recipe(recipe, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     step_model = _compiled(model, accelerator) if cfg.compile else model
-    return Run(recipe, data, cfg, run_dir, accelerator, model, step_model, optimizer, scheduler, loader, micro, total)
+    guidance = superclass_guidance(recipe.model.moe, accelerator.device)
+    return Run(
+        recipe, data, cfg, run_dir, accelerator, model, step_model, optimizer, scheduler, loader, micro, total, guidance
+    )
 
 
 def _notes(run: Run, step: int, reporter: Reporter) -> None:

@@ -29,6 +29,10 @@ class SuperclassGuidance:
         """The unweighted guidance cross-entropy of one batch."""
         return F.cross_entropy(out.image_logits_BE, self.superclass_of[labels_B])
 
+    def weighted(self, out: ModelOutput, labels_B: torch.Tensor) -> torch.Tensor:
+        """What the guidance adds to the training loss."""
+        return self.weight * self.loss(out, labels_B)
+
     @torch.no_grad()
     def metrics(self, out: ModelOutput, labels_B: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guidance loss and how often the router's top-1 expert is the image's super-class, for the log."""

@@ -22,6 +22,7 @@ from vmoe_cli.checkpoint import load_train_state
 from vmoe_cli.config import DataConfig, Recipe, TrainConfig
 from vmoe_cli.data.loader import Loader
 from vmoe_cli.train.distributed import load_optimizer_state
+from vmoe_cli.train.losses import SuperclassGuidance
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Run:
     loader: Callable[[int, int], Loader]  # this rank's train loader at (epoch, first batch)
     micro: int  # images per process per micro-batch
     total: int  # optimiser steps of the whole run
+    guidance: SuperclassGuidance | None  # the per-image router's super-class guidance, when the recipe has one
 
 
 class Batches:
