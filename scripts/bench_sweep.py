@@ -35,8 +35,9 @@ def naive(checkpoint: str, data: str, points: list, options: SweepOptions, cache
         model = load_model(ckpt)
         model.set_routing(k=p.k, capacity_factor=p.capacity_factor, capacity=None, bpr=p.bpr)
         cfg = model.cfg
-        loader = build_loader(shard_dir, options.split, batch_size=options.batch_size, image_size=cfg.image_size,
-                              channels=cfg.channels, train=False, mean=norm.mean, std=norm.std)  # fmt: skip
+        loader = build_loader(shard_dir, options.split, DataConfig(mean=norm.mean, std=norm.std),
+                              batch_size=options.batch_size, image_size=cfg.image_size, channels=cfg.channels,
+                              train=False)  # fmt: skip
         correct = total = 0
         first = None
         with torch.inference_mode():

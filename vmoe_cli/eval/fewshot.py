@@ -36,8 +36,9 @@ import torch
 from vmoe_cli.atomic import write_bytes_atomic, write_text_atomic
 from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
 from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import build_loader, read_manifest
-from vmoe_cli.data.shard import eval_shards, file_sha256
+from vmoe_cli.data.loader import build_loader
+from vmoe_cli.data.manifest import MANIFEST, file_sha256, read_manifest
+from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import VisionTransformer
 
@@ -120,8 +121,8 @@ def extract(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features `[N, F]` float32 and labels `[N]` of every sample of `split`, in manifest order."""
     loader = build_loader(
-        shard_dir, split, batch_size=batch_size, image_size=backbone.image_size, channels=backbone.channels,
-        train=False, mean=backbone.mean, std=backbone.std,
+        shard_dir, split, DataConfig(mean=backbone.mean, std=backbone.std), batch_size=batch_size,
+        image_size=backbone.image_size, channels=backbone.channels, train=False,
     )  # fmt: skip
     total = read_manifest(shard_dir)["splits"][split]["count"]
     model = None if backbone.model is None else backbone.model.to(device).eval()
@@ -152,7 +153,7 @@ def dataset_features(
     for split in ("train", "test"):
         if split not in manifest["splits"]:
             raise VmoeError(f"{data}: no {split!r} split; re-shard it with `vmoe shard ... --test 0.2`")
-    identity = [FEATURES_VERSION, backbone.key, file_sha256(Path(shard_dir) / "manifest.json")]
+    identity = [FEATURES_VERSION, backbone.key, file_sha256(Path(shard_dir) / MANIFEST)]
     identity += [backbone.image_size, backbone.channels, backbone.mean, backbone.std]
     file = Path(cache_dir) / "features" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.npz"
     num_classes = len(manifest["classes"])

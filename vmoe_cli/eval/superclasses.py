@@ -22,7 +22,7 @@ from sklearn.cluster import KMeans
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.checkpoint import load_model, load_recipe_of, resolve_checkpoint
 from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import read_manifest
+from vmoe_cli.data.manifest import read_manifest
 from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.sweep import split_loader

@@ -26,8 +26,9 @@ import torch
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
 from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import Loader, build_loader, read_manifest
-from vmoe_cli.data.shard import eval_shards, file_sha256
+from vmoe_cli.data.loader import Loader, build_loader
+from vmoe_cli.data.manifest import MANIFEST, file_sha256, read_manifest
+from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.fewshot import model_backbone, run_fewshot
 from vmoe_cli.eval.flops import flops_per_image
@@ -127,7 +128,7 @@ def sweep(
     weights_sha = file_sha256(ckpt / WEIGHTS)
     trained = asdict(model.cfg.moe)
     identity = {
-        "checkpoint": weights_sha, "data": file_sha256(shard_dir / "manifest.json"), "split": options.split,
+        "checkpoint": weights_sha, "data": file_sha256(shard_dir / MANIFEST), "split": options.split,
         "batch_size": options.batch_size, "throughput_batch": options.throughput_batch,
         "fewshot_shots": options.fewshot_shots, "points": [p.name for p in points],
         "baseline": None if baseline is None else str(baseline),
@@ -281,8 +282,8 @@ def split_loader(
     """Evaluation batches of `split` sized and normalised for `model` (`data`: its recipe's data section)."""
     data = data or DataConfig()
     return build_loader(
-        shard_dir, split, batch_size=batch_size, image_size=model.cfg.image_size, channels=model.cfg.channels,
-        train=False, mean=data.mean, std=data.std, start_batch=start,
+        shard_dir, split, DataConfig(mean=data.mean, std=data.std), batch_size=batch_size,
+        image_size=model.cfg.image_size, channels=model.cfg.channels, train=False, start_batch=start,
     )  # fmt: skip
 
 

@@ -184,9 +184,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Top-1 over the whole eval split: each rank counts its part, one reduce at the end."""
     loader = build_loader(
-        data.shards, data.eval_split, batch_size=batch_size, image_size=recipe.model.image_size,
+        data.shards, data.eval_split, data, batch_size=batch_size, image_size=recipe.model.image_size,
         channels=recipe.model.channels, train=False, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, workers=data.workers, mean=data.mean, std=data.std, cache=data.cache,
+        world_size=accelerator.num_processes,
     )  # fmt: skip
     model.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=accelerator.device)  # correct, total
@@ -249,11 +249,9 @@ def _train_loader(
     data: DataConfig, cfg: TrainConfig, recipe: Recipe, micro: int, accelerator: Accelerator, epoch: int, start: int
 ) -> Loader:
     return build_loader(
-        data.shards, data.train_split, batch_size=micro, image_size=recipe.model.image_size,
+        data.shards, data.train_split, data, batch_size=micro, image_size=recipe.model.image_size,
         channels=recipe.model.channels, train=True, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, workers=data.workers, seed=cfg.seed, epoch=epoch,
-        augment=data.augment, resampled=data.resampled, epoch_images=data.epoch_images, start_batch=start,
-        mean=data.mean, std=data.std, cache=data.cache,
+        world_size=accelerator.num_processes, seed=cfg.seed, epoch=epoch, start_batch=start,
     )  # fmt: skip
 
 
