@@ -29,7 +29,9 @@ import webdataset as wds
 from PIL import Image
 
 from vmoe_cli.data.augment import AugmentConfig
+from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import build_loader
+from vmoe_cli.data.manifest import FORMAT, MANIFEST, read_manifest
 from vmoe_cli.data.shard import ShardOptions, write_shards
 from vmoe_cli.data.sources import ArrayItem, FileItem, Source, open_source
 
@@ -42,7 +44,7 @@ def naive_shard(source: Source, out: Path, shard_size: int) -> int:
 
     Writes a vmoe-shards/1 manifest too (no checksums), so the loader can read the result. Returns images written.
     """
-    manifest = {"format": "vmoe-shards/1", "classes": source.classes, "splits": {}}
+    manifest = {"format": FORMAT, "classes": source.classes, "splits": {}}
     for split, items in source.splits.items():
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
             for n, item in enumerate(items):
@@ -50,7 +52,7 @@ def naive_shard(source: Source, out: Path, shard_size: int) -> int:
         counts = [min(shard_size, len(items) - start) for start in range(0, len(items), shard_size)]
         shards = [{"file": f"{split}-{i:06d}.tar", "count": c} for i, c in enumerate(counts)]
         manifest["splits"][split] = {"count": len(items), "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / MANIFEST).write_text(json.dumps(manifest))
     return sum(len(items) for items in source.splits.values())
 
 
@@ -78,21 +80,16 @@ def load_rate(
     shards: Path, split: str, train: bool, workers: int, images: int, channels: int, size: int, cache: bool = False
 ) -> float:
     """Images/s of the vmoe loader over up to `images` images of `split`."""
-    count = json.loads((shards / "manifest.json").read_text())["splits"][split]["count"]
+    count = read_manifest(shards)["splits"][split]["count"]
     batch = 128
-    loader = build_loader(
-        shards,
-        split,
-        batch_size=batch,
-        image_size=size,
-        channels=channels,
-        train=train,
+    data = DataConfig(
         workers=workers,
-        augment=TRAIN_AUGMENT if train else None,
+        cache=cache,
         resampled=train,
         epoch_images=min(images, count) if train else None,
-        cache=cache,
+        augment=TRAIN_AUGMENT if train else AugmentConfig(),
     )
+    loader = build_loader(shards, split, data, batch_size=batch, image_size=size, channels=channels, train=train)
     start, seen = time.perf_counter(), 0
     for x, _ in loader:
         seen += len(x)

@@ -35,7 +35,7 @@ from vmoe_cli.models.moe import MlpOutput, MoEMlp
 from vmoe_cli.models.routing import capacity
 from vmoe_cli.models.vit import Mlp
 
-WIDTH, HIDDEN, K, CF, GROUP_IMAGES, TOKENS = 384, 1536, 2, 1.25, 8, 197  # DESIGN.md section 6
+WIDTH, HIDDEN, K, CF, GROUP_IMAGES, TOKENS = 384, 1536, 2, 1.25, 8, 197  # ViT-S width, the target's shape
 DENSE, OURS = "dense MLP, same slots", "vmoe (index dispatch)"
 
 

@@ -8,7 +8,7 @@ steps each, every round times a block of `--block` steps per model; the figures 
 
 The FLOP ratio is the ratio of analytic forward FLOPs per image (vmoe_cli.eval.flops.flops_per_image, with
 the images per routing group this batch gets); a training step costs about 3x the forward pass for either
-model, so it is also the training FLOP ratio. Target (DESIGN.md section 6): time ratio within 10% of it.
+model, so it is also the training FLOP ratio. Target: time ratio within 10% of it.
 Like `vmoe`, the script first has glibc keep freed memory (vmoe_cli/allocator.py); `--glibc-malloc` does not.
 
 Usage:  python scripts/bench_train.py [--recipe recipes/fmnist-vmoe.yaml] [--dense RECIPE] [--set KEY=VALUE ...]

@@ -24,7 +24,7 @@ class OpLog(TorchDispatchMode):
 
 
 def reference_slots(gates: list[list[float]], k: int, capacity: int, bpr: bool) -> list[list[tuple[int, int | None]]]:
-    """For one group: per token, its K (expert, slot-or-None) choices, by the DESIGN.md rules, with loops."""
+    """For one group: per token, its K (expert, slot-or-None) choices, by the V-MoE paper's rules, with loops."""
     num_tokens = len(gates)
     choices = []
     for row in gates:  # top-K, ties to the lower expert index

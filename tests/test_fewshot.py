@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from vmoe_cli.checkpoint import save_checkpoint
 from vmoe_cli.cli import main
 from vmoe_cli.config import load_recipe
-from vmoe_cli.data.loader import read_manifest
+from vmoe_cli.data.manifest import read_manifest
 from vmoe_cli.data.shard import ShardOptions, eval_shards, write_shards
 from vmoe_cli.data.sources import open_source
 from vmoe_cli.errors import VmoeError

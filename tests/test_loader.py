@@ -15,7 +15,9 @@ import webdataset as wds
 from PIL import Image
 
 from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, mixup
-from vmoe_cli.data.loader import _decoded_shard, build_loader, decode_image, read_manifest
+from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.loader import _decoded_shard, build_loader, decode_image
+from vmoe_cli.data.manifest import read_manifest
 from vmoe_cli.errors import VmoeError
 
 SIZE = 8
@@ -61,8 +63,9 @@ def test_eval_two_ranks_two_workers_read_every_sample_once(tmp_path):
     seen = []
     for rank in range(2):
         loader = build_loader(
-            tmp_path, "test", batch_size=2, image_size=SIZE, channels=1, train=False, rank=rank, world_size=2, workers=2
-        )
+            tmp_path, "test", DataConfig(workers=2), batch_size=2, image_size=SIZE, channels=1, train=False, rank=rank,
+            world_size=2,
+        )  # fmt: skip
         batches = labels_of(loader)
         assert len(batches) == loader.steps
         seen += [label for batch in batches for label in batch]
@@ -74,8 +77,9 @@ def test_train_two_ranks_two_workers_equal_steps_disjoint_samples(tmp_path):
     steps, seen = [], []
     for rank in range(2):
         loader = build_loader(
-            tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=True, rank=rank, world_size=2, workers=2
-        )
+            tmp_path, "train", DataConfig(workers=2), batch_size=2, image_size=SIZE, channels=1, train=True, rank=rank,
+            world_size=2,
+        )  # fmt: skip
         batches = labels_of(loader)
         assert len(batches) == loader.steps and all(len(b) == 2 for b in batches)
         steps.append(loader.steps)
@@ -88,11 +92,8 @@ def test_train_shard_order_depends_on_epoch_and_seed(tmp_path):
     write_shards(tmp_path, {"train": [4] * 6})
 
     def first_labels(seed: int, epoch: int) -> list[list[int]]:
-        return labels_of(
-            build_loader(
-                tmp_path, "train", batch_size=4, image_size=SIZE, channels=1, train=True, seed=seed, epoch=epoch
-            )
-        )
+        options = {"batch_size": 4, "image_size": SIZE, "channels": 1, "train": True, "seed": seed, "epoch": epoch}
+        return labels_of(build_loader(tmp_path, "train", DataConfig(), **options))
 
     assert first_labels(0, 0) == first_labels(0, 0)
     assert first_labels(0, 0) != first_labels(0, 1)
@@ -104,14 +105,12 @@ def test_resampled_yields_exactly_steps(tmp_path):
     loader = build_loader(
         tmp_path,
         "train",
+        DataConfig(workers=2, resampled=True, epoch_images=40),
         batch_size=3,
         image_size=SIZE,
         channels=1,
         train=True,
-        workers=2,
         world_size=2,
-        resampled=True,
-        epoch_images=40,
     )
     assert loader.steps == 40 // (3 * 2)
     assert len(labels_of(loader)) == loader.steps
@@ -125,14 +124,13 @@ def test_resume_replays_the_same_batches(tmp_path):
         loader = build_loader(
             tmp_path,
             "train",
+            DataConfig(workers=2, augment=augment),
             batch_size=2,
             image_size=6,
             channels=3,
             train=True,
-            workers=2,
             seed=3,
             epoch=1,
-            augment=augment,
             start_batch=start_batch,
         )
         return list(loader)
@@ -147,8 +145,8 @@ def test_one_worker_process_gives_the_batches_of_none(tmp_path):
     """workers=1 reads in a DataLoader process, workers=0 in this one: one stream, the same batches."""
     write_shards(tmp_path, {"train": [9, 7]})
     augment = AugmentConfig(crop_scale=[0.3, 1.0], flip=True)
-    options = {"batch_size": 2, "image_size": 6, "channels": 1, "train": True, "seed": 1, "augment": augment}
-    runs = [list(build_loader(tmp_path, "train", workers=workers, **options)) for workers in (0, 1)]
+    options = {"batch_size": 2, "image_size": 6, "channels": 1, "train": True, "seed": 1}
+    runs = [list(build_loader(tmp_path, "train", DataConfig(workers=w, augment=augment), **options)) for w in (0, 1)]
     assert len(runs[0]) == len(runs[1]) == 8
     for (x, y), (x1, y1) in zip(*runs, strict=True):
         assert torch.equal(x, x1) and torch.equal(y, y1)
@@ -164,8 +162,8 @@ def test_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, worker
         train = split == "train"
         return list(
             build_loader(
-                tmp_path, split, batch_size=2, image_size=6, channels=3, train=train, workers=workers, seed=3,
-                epoch=epoch, augment=augment, start_batch=start_batch, cache=cache,
+                tmp_path, split, DataConfig(workers=workers, cache=cache, augment=augment), batch_size=2,
+                image_size=6, channels=3, train=train, seed=3, epoch=epoch, start_batch=start_batch,
             )
         )  # fmt: skip
 
@@ -184,8 +182,8 @@ def test_cache_rereads_a_rewritten_shard(tmp_path):
     first = write_shards(tmp_path, {"test": [4]}, seed=0)["test"]
 
     def pixels() -> torch.Tensor:
-        loader = build_loader(tmp_path, "test", batch_size=4, image_size=SIZE, channels=1, train=False, raw=True,
-                              cache=True)  # fmt: skip
+        loader = build_loader(tmp_path, "test", DataConfig(cache=True), batch_size=4, image_size=SIZE, channels=1,
+                              train=False, raw=True)  # fmt: skip
         return torch.cat([x for x, _ in loader])[:, 0]
 
     assert torch.equal(pixels(), torch.from_numpy(first))
@@ -195,7 +193,9 @@ def test_cache_rereads_a_rewritten_shard(tmp_path):
 
 def test_round_trip_pixels_and_labels_exact(tmp_path):
     pixels = write_shards(tmp_path, {"test": [5, 6]}, channels=3)["test"]
-    loader = build_loader(tmp_path, "test", batch_size=4, image_size=SIZE, channels=3, train=False, raw=True)
+    loader = build_loader(
+        tmp_path, "test", DataConfig(), batch_size=4, image_size=SIZE, channels=3, train=False, raw=True
+    )
     images, labels = zip(*loader, strict=True)
     images, labels = torch.cat(images), torch.cat(labels)
     assert images.dtype == torch.uint8 and images.shape == (11, 3, SIZE, SIZE)
@@ -205,7 +205,9 @@ def test_round_trip_pixels_and_labels_exact(tmp_path):
 
 def test_normalised_batches(tmp_path):
     write_shards(tmp_path, {"test": [3]})
-    ((images, labels),) = build_loader(tmp_path, "test", batch_size=4, image_size=4, channels=1, train=False)
+    ((images, labels),) = build_loader(
+        tmp_path, "test", DataConfig(), batch_size=4, image_size=4, channels=1, train=False
+    )
     assert images.shape == (3, 1, 4, 4) and images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images.min() >= -1.0 and images.max() <= 1.0
 
@@ -234,7 +236,9 @@ def digits_shards(tmp_path_factory) -> tuple[Path, list]:
 
 def test_digits_round_trip_through_the_writer(digits_shards):
     out, items = digits_shards
-    loader = build_loader(out, "train", batch_size=256, image_size=8, channels=1, train=False, workers=2, raw=True)
+    loader = build_loader(
+        out, "train", DataConfig(workers=2), batch_size=256, image_size=8, channels=1, train=False, raw=True
+    )
     images, labels = (torch.cat(t) for t in zip(*loader, strict=True))
     assert torch.equal(images[:, 0], torch.from_numpy(np.stack([item.pixels for item in items])))
     assert labels.tolist() == [item.label for item in items]
@@ -259,15 +263,16 @@ def test_decode_image_grey_and_rgb():
 
 def test_bad_shard_dir_and_settings(tmp_path):
     with pytest.raises(VmoeError, match="not a vmoe shard directory"):
-        build_loader(tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=True)
+        build_loader(tmp_path, "train", DataConfig(), batch_size=2, image_size=SIZE, channels=1, train=True)
     write_shards(tmp_path, {"train": [4, 4]})
     with pytest.raises(VmoeError, match="no split 'test'"):
-        build_loader(tmp_path, "test", batch_size=2, image_size=SIZE, channels=1, train=False)
+        build_loader(tmp_path, "test", DataConfig(), batch_size=2, image_size=SIZE, channels=1, train=False)
     with pytest.raises(VmoeError, match="resampled"):
-        build_loader(tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=True, world_size=2, workers=2)
+        build_loader(tmp_path, "train", DataConfig(workers=2), batch_size=2, image_size=SIZE, channels=1, train=True,
+                     world_size=2)  # fmt: skip
     (tmp_path / "train-000001.tar").write_bytes(b"not a tar")
     with pytest.raises(VmoeError, match="train-000001.tar"):
-        list(build_loader(tmp_path, "train", batch_size=2, image_size=SIZE, channels=1, train=False))
+        list(build_loader(tmp_path, "train", DataConfig(), batch_size=2, image_size=SIZE, channels=1, train=False))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])

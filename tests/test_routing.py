@@ -1,4 +1,4 @@
-"""The token-choice router against DESIGN.md's worked examples and plain-Python references."""
+"""The token-choice router against worked examples and plain-Python references."""
 
 import math
 import statistics
@@ -185,7 +185,7 @@ def test_routing_metrics_count_drops_and_load():
     router.eval()
     with torch.no_grad():
         router.proj.weight.copy_(torch.eye(3))
-    out = router(gates.clamp(min=1e-6).log())  # softmax(log g) = g / sum g: same order as DESIGN's gates
+    out = router(gates.clamp(min=1e-6).log())  # softmax(log g) = g / sum g: same order as the example's gates
     assert out.metrics["dropped_all"].item() == 0.0
     assert out.metrics["dropped_any"].item() == pytest.approx(2 / 3)
     assert out.metrics["expert_load"].tolist() == [1.0, 0.0, 1.0]

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vmoe_cli.cli import main
-from vmoe_cli.data.shard import ShardOptions, shard_info, write_shards
+from vmoe_cli.data.manifest import shard_info
+from vmoe_cli.data.shard import ShardOptions, write_shards
 from vmoe_cli.data.sources import FASHION_MNIST_CLASSES, open_source
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

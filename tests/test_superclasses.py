@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from vmoe_cli.config import load_recipe, read_superclasses
-from vmoe_cli.data.loader import build_loader, read_manifest
+from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.loader import build_loader
+from vmoe_cli.data.manifest import read_manifest
 from vmoe_cli.data.shard import ShardOptions, write_shards
 from vmoe_cli.data.sources import open_source
 from vmoe_cli.errors import VmoeError
@@ -70,9 +72,8 @@ def test_find_superclasses_on_minival(trained, tmp_path):
     assert result["examples"] == splits["minival"]["count"] != splits["test"]["count"]
     confusion = np.array(result["confusion"])
     assert confusion.shape == (10, 10) and confusion.sum() == result["examples"]
-    labels = np.concatenate(
-        [y.numpy() for _, y in build_loader(shards, "minival", batch_size=64, image_size=8, channels=1, train=False)]
-    )
+    loader = build_loader(shards, "minival", DataConfig(), batch_size=64, image_size=8, channels=1, train=False)
+    labels = np.concatenate([y.numpy() for _, y in loader])
     assert confusion.sum(axis=1).tolist() == np.bincount(labels, minlength=10).tolist()  # rows are true classes
     assert result["heldout_top1"] == pytest.approx(np.trace(confusion) / result["examples"])
     assert result["heldout_top1"] > 0.2  # 10 classes: chance is 0.1

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from vmoe_cli.checkpoint import load_model, save_checkpoint
 from vmoe_cli.cli import main
 from vmoe_cli.config import load_recipe
+from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import build_loader
 from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.eval import sweep as sweep_module
@@ -56,8 +57,9 @@ def plain_top1(run: Path, cache: Path, k: int, cf: float, bpr: bool) -> float:
     model = load_model(run / "checkpoints" / "step_00000001")
     model.set_routing(k=k, capacity_factor=cf, capacity=None, bpr=bpr)
     loader = build_loader(
-        eval_shards("digits", cache), "test", batch_size=64, image_size=8, channels=1, train=False, mean=0.25, std=0.35
-    )
+        eval_shards("digits", cache), "test", DataConfig(mean=0.25, std=0.35), batch_size=64, image_size=8, channels=1,
+        train=False,
+    )  # fmt: skip
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:

@@ -1,4 +1,4 @@
-"""Atomic file writes: nothing a user sees is ever half-written (DESIGN.md section 7)."""
+"""Atomic file writes: nothing a user sees is ever half-written, whenever the process is killed."""
 
 from __future__ import annotations
 

@@ -118,6 +118,7 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeElapsedColumn
 
+    from vmoe_cli.data.manifest import MANIFEST
     from vmoe_cli.data.shard import ShardOptions, write_shards
     from vmoe_cli.data.sources import open_source
 
@@ -137,7 +138,7 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
             progress.start()  # on the first call: after the checks, so an early error is one line
             progress.update(bar, completed=done, total=total)
 
-    complete = (out_dir / "manifest.json").is_file() and not (overwrite or dry_run)
+    complete = (out_dir / MANIFEST).is_file() and not (overwrite or dry_run)
     start = time.perf_counter()
     try:
         manifest = write_shards(
@@ -152,7 +153,7 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
             progress.stop()
     seconds = time.perf_counter() - start
     if complete:
-        click.echo(f"{out_dir}: already complete (manifest.json is there); nothing to do")
+        click.echo(f"{out_dir}: already complete ({MANIFEST} is there); nothing to do")
         return
     table = Table(title=f"{source} -> {out_dir}", caption="dry run: nothing written" if dry_run else None)
     for column in ("split", "samples", "shards", "bytes"):
@@ -177,7 +178,7 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
 @click.option("--workers", default=1, show_default=True, help="Data-loader workers per rank.")
 def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int) -> None:
     """Counts per split and class of the shards in DIR, and problems for RANKS x WORKERS readers."""
-    from vmoe_cli.data.shard import shard_info
+    from vmoe_cli.data.manifest import shard_info
 
     info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers)
     manifest = info["manifest"]

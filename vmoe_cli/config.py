@@ -1,8 +1,8 @@
 """Recipes: YAML -> typed dataclasses, `--set` overrides, validation with suggestions.
 
-A recipe is one YAML file whose sections fill the dataclasses below: `model:` (models/config.py),
-`data:` (which shards, how they are read and augmented) and `train:` (optimiser, schedule, duration,
-logging and checkpointing). `data` and `train` are optional: `model-info` needs only the model.
+A recipe is one YAML file whose sections fill dataclasses: `model:` (models/config.py), `data:`
+(data/config.py: which shards, how they are read and augmented) and `train:` (below: optimiser, schedule,
+duration, logging and checkpointing). `data` and `train` are optional: `model-info` needs only the model.
 `from_dict` is generic: it walks the dataclass fields and their type hints, so a new
 config field is a new recipe key with no parsing code. Every mistake becomes one
 `VmoeError` line naming the file and the full dotted key, with a suggestion when a
@@ -23,27 +23,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from vmoe_cli.atomic import write_text_atomic
-from vmoe_cli.data.augment import AugmentConfig
+from vmoe_cli.data.config import DataConfig
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.config import ModelConfig
 
 T = TypeVar("T")
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how the loader reads them (vmoe_cli/data/loader.py)."""
-
-    shards: str = ""  # shard directory written by `vmoe shard` (relative paths: to the working directory)
-    train_split: str = "train"  # split trained on
-    eval_split: str = "test"  # split evaluated on ('minival' for sources without a test split)
-    workers: int = 0  # DataLoader worker processes per rank; 0 reads in the training process
-    cache: bool = False  # decode the splits once and keep the pixels in RAM (small datasets): same batches, faster
-    resampled: bool = False  # draw shards with replacement (epochs of `epoch_images`); needs no shards >= ranks
-    epoch_images: int | None = None  # epoch length in resampled mode; null = the split's size
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation and mixup alpha
-    mean: float | list[float] = 0.5  # pixels become (x / 255 - mean) / std, one value or one per channel
-    std: float | list[float] = 0.5
 
 
 @dataclass
@@ -73,8 +57,7 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state over processes (FSDP2, one unit per
     #   block) for models that do not fit one device; False = DDP, a full replica per process
     compile: bool = False  # torch.compile the training forward and backward (inductor; on CPU it needs a C++
-    #   compiler): the fmnist-conv step ran 1.09x (V-MoE) and 1.21x (dense) faster on a 2-core CPU, after
-    #   20-30 s of compiling; eval stays eager
+    #   compiler): faster steps after a compile of tens of seconds (README: `vmoe pretrain`); eval stays eager
     eval_every: int = 0  # evaluate every N steps; 0 = only at the end (always at the end)
     checkpoint_every: int = 0  # checkpoint every N steps; 0 = only at the end (always at the end)
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from vmoe_cli.checkpoint import save_checkpoint
-from vmoe_cli.config import DataConfig, Recipe, recipe_from_dict, recipe_to_dict
+from vmoe_cli.config import Recipe, recipe_from_dict, recipe_to_dict
 from vmoe_cli.convert.fidelity import TOLERANCE, compare_outputs, within_tolerance
 from vmoe_cli.convert.jax_checkpoint import read_jax_checkpoint
+from vmoe_cli.data.config import DataConfig
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.config import ModelConfig, MoEConfig
 from vmoe_cli.models.presets import SIZES

@@ -11,11 +11,11 @@ alone, so all ranks agree on every count without talking to each other:
   resampled  every slot draws shards with replacement, seeded by (seed, epoch, rank, worker); the epoch
              is `epoch_images` long.
 
-With `cache=True` the loader first reads and decodes the whole split once, in the calling process, and keeps
+With `data.cache` the loader first reads and decodes the whole split once, in the calling process, and keeps
 the uint8 pixels in memory for the rest of the process (keyed by each shard's path, size and mtime); workers
 then read samples from memory instead of tar files. Samples, order and augmentation are unchanged, so a run
-gives the same batches with or without it: the cache removes tar parsing and PNG decoding (~90% of a worker's
-CPU on 28 px images) from every later epoch. It is for splits that fit in RAM (each process holds one copy).
+gives the same batches with or without it: the cache removes tar parsing and PNG decoding (most of a worker's
+CPU on small images) from every later epoch. It is for splits that fit in RAM (each process holds one copy).
 
 Batches are formed inside the workers and a torch DataLoader (batch_size=None) hands them out round-robin
 over workers, skipping a worker once it is exhausted. That order is planned here (`_schedule`), so each
@@ -25,7 +25,7 @@ skipping samples before decoding. Augmentation is seeded per sample position, so
 exactly the batches an uninterrupted one would have.
 
 Never pass a Loader through `accelerator.prepare()`: it is already split per rank, and Accelerate would
-split the stream a second time and silently lose samples (DESIGN.md section 4).
+split the stream a second time and silently lose samples.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import json
 import math
 import random
 import tarfile
@@ -49,26 +48,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vmoe_cli.data.augment import AugmentConfig, augment_image, resize
+from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.manifest import MANIFEST, read_manifest
 from vmoe_cli.errors import VmoeError
 
-MANIFEST = "manifest.json"
-FORMAT = "vmoe-shards/1"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 SHUFFLE_BUFFER = 1000  # samples (undecoded bytes) held per worker for the within-shard shuffle
-
-
-def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a vmoe shard directory; VmoeError naming the directory when it is not one."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise VmoeError(f"{shard_dir}: not a vmoe shard directory (no {MANIFEST}); create one with `vmoe shard`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VmoeError(f"{path}: unreadable manifest ({e}); re-run `vmoe shard`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise VmoeError(f"{path}: not a {FORMAT} manifest; re-run `vmoe shard`")
-    return manifest
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
@@ -106,7 +91,6 @@ class _Plan:
     epoch: int
     augment: AugmentConfig
     resampled: bool
-    shuffle_buffer: int
     first: list[int]  # per logical worker: index of its first batch to yield (resume)
     stop: list[int]  # per logical worker: how many of its batches this epoch uses
     offset: int  # logical worker of DataLoader worker i is (i + offset) % workers
@@ -146,6 +130,7 @@ class Loader:
 def build_loader(
     shard_dir: str | Path,
     split: str,
+    data: DataConfig,
     *,
     batch_size: int,
     image_size: int,
@@ -153,45 +138,85 @@ def build_loader(
     train: bool,
     rank: int = 0,
     world_size: int = 1,
-    workers: int = 0,
     seed: int = 0,
     epoch: int = 0,
-    augment: AugmentConfig | None = None,
-    resampled: bool = False,
-    epoch_images: int | None = None,
     start_batch: int = 0,
-    shuffle_buffer: int = SHUFFLE_BUFFER,
-    mean: float | Sequence[float] = 0.5,
-    std: float | Sequence[float] = 0.5,
     raw: bool = False,
-    cache: bool = False,
 ) -> Loader:
     """The loader of `split` for one rank and epoch (see the module docstring for who reads what).
 
-    `workers` DataLoader processes (0 or 1 read in this process); `augment` applies in training only (eval
-    resizes only); `epoch_images` is the epoch length of resampled mode (default: the split's size);
-    `start_batch` resumes an epoch; pixels become `(x / 255 - mean) / std` per channel; `cache` keeps the
-    decoded split in memory for later loaders of this process.
+    `data` gives `workers` DataLoader processes (0 reads in this process), `cache` (keep the decoded split
+    in memory for later loaders of this process), the normalisation `(x / 255 - mean) / std` per channel and,
+    in training only, `augment`, `resampled` and `epoch_images` (eval resizes only and reads every sample
+    once). `start_batch` resumes an epoch; `raw=True` keeps uint8 pixels.
     """
-    manifest = read_manifest(shard_dir)
-    splits = manifest.get("splits", {})
+    _check_args(data, batch_size, image_size, channels, rank, world_size)
+    splits = read_manifest(shard_dir).get("splits", {})
     if split not in splits:
         raise VmoeError(f"{shard_dir}: no split {split!r} (has: {', '.join(splits) or 'none'})")
     shards = [(s["file"], int(s["count"])) for s in splits[split]["shards"]]
-    augment = augment or AugmentConfig()
-    augment.validate()
-    _check_args(batch_size, image_size, channels, rank, world_size, workers, train, resampled)
-    slots = max(1, workers)
+    where = f"{shard_dir}: split {split!r}"
+    schedule = _epoch_schedule(where, shards, data, batch_size, train, rank, world_size, seed, epoch)
+    steps, slots = len(schedule), max(1, data.workers)
+    if not 0 <= start_batch <= steps:
+        raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
+    decoded = None
+    if data.cache:  # filled on the first call for this split, reused by every later loader of this process
+        decoded = {f: _decoded_shard(str(shard_dir), f, n, channels, _stamp(Path(shard_dir, f))) for f, n in shards}
+    plan = _Plan(
+        shard_dir=Path(shard_dir), shards=shards, split=split, batch_size=batch_size, image_size=image_size,
+        channels=channels, train=train, rank=rank, world_size=world_size, processes=data.workers, workers=slots,
+        seed=seed, epoch=epoch, augment=data.augment, resampled=data.resampled,
+        first=[schedule[:start_batch].count(w) for w in range(slots)], stop=[schedule.count(w) for w in range(slots)],
+        offset=schedule[start_batch] if start_batch < steps else 0, cache=decoded,
+    )  # fmt: skip
+    return Loader(plan, steps, start_batch, _per_channel(data.mean, channels), _per_channel(data.std, channels), raw)
 
-    if resampled:
-        total = splits[split]["count"] if epoch_images is None else epoch_images
+
+def _check_args(data: DataConfig, batch_size: int, image_size: int, channels: int, rank: int, world_size: int) -> None:
+    if batch_size < 1 or image_size < 1:
+        raise VmoeError(f"batch size and image size must be >= 1, got {batch_size} and {image_size}")
+    if channels not in (1, 3):
+        raise VmoeError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if not 0 <= rank < world_size:
+        raise VmoeError(f"rank {rank} is outside 0..{world_size - 1}")
+    if data.workers < 0:
+        raise VmoeError(f"workers must be >= 0, got {data.workers}")
+    data.augment.validate()
+
+
+def _per_channel(value: float | Sequence[float], channels: int) -> torch.Tensor:
+    values = [float(value)] * channels if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != channels:
+        raise VmoeError(f"mean/std need 1 or {channels} values, got {list(values)}")
+    return torch.tensor(values).view(1, channels, 1, 1)
+
+
+def _epoch_schedule(
+    where: str,
+    shards: list[tuple[str, int]],
+    data: DataConfig,
+    batch_size: int,
+    train: bool,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+) -> list[int]:
+    """The logical worker of each batch of this rank's epoch, from the manifest's counts alone.
+
+    Its length is the epoch's `steps`: in training the same on every rank (the minimum over ranks).
+    """
+    slots = max(1, data.workers)
+    if train and data.resampled:
+        total = sum(c for _, c in shards) if data.epoch_images is None else data.epoch_images
         steps = total // (batch_size * world_size)
         per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
     elif train:
         if len(shards) < world_size * slots:
             raise VmoeError(
-                f"{shard_dir}: split {split!r} has {len(shards)} shards, fewer than ranks x workers = "
-                f"{world_size} x {slots}; use resampled mode or re-shard with smaller shards"
+                f"{where} has {len(shards)} shards, fewer than ranks x workers = {world_size} x {slots}; "
+                "use resampled mode or re-shard with smaller shards"
             )
         order = _shard_order(len(shards), seed, epoch)
         full = [
@@ -207,68 +232,8 @@ def build_loader(
         steps = math.ceil((end - start) / batch_size)
         per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
     if train and steps == 0:
-        raise VmoeError(
-            f"{shard_dir}: split {split!r} gives no full batch of {batch_size} per rank; lower the batch size"
-        )
-    if not 0 <= start_batch <= steps:
-        raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
-
-    schedule = _schedule(per_worker, steps)
-    decoded = None
-    if cache:  # filled on the first call for this split, reused by every later loader of this process
-        decoded = {f: _decoded_shard(str(shard_dir), f, n, channels, _stamp(Path(shard_dir, f))) for f, n in shards}
-    plan = _Plan(
-        shard_dir=Path(shard_dir),
-        shards=shards,
-        split=split,
-        batch_size=batch_size,
-        image_size=image_size,
-        channels=channels,
-        train=train,
-        rank=rank,
-        world_size=world_size,
-        processes=workers,
-        workers=slots,
-        seed=seed,
-        epoch=epoch,
-        augment=augment,
-        resampled=resampled,
-        shuffle_buffer=shuffle_buffer,
-        first=[schedule[:start_batch].count(w) for w in range(slots)],
-        stop=[schedule.count(w) for w in range(slots)],
-        offset=schedule[start_batch] if start_batch < steps else 0,
-        cache=decoded,
-    )
-    return Loader(plan, steps, start_batch, _per_channel(mean, channels), _per_channel(std, channels), raw)
-
-
-def _check_args(
-    batch_size: int,
-    image_size: int,
-    channels: int,
-    rank: int,
-    world_size: int,
-    workers: int,
-    train: bool,
-    resampled: bool,
-) -> None:
-    if batch_size < 1 or image_size < 1:
-        raise VmoeError(f"batch size and image size must be >= 1, got {batch_size} and {image_size}")
-    if channels not in (1, 3):
-        raise VmoeError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
-    if not 0 <= rank < world_size:
-        raise VmoeError(f"rank {rank} is outside 0..{world_size - 1}")
-    if workers < 0:
-        raise VmoeError(f"workers must be >= 0, got {workers}")
-    if resampled and not train:
-        raise VmoeError("resampled mode is for training; evaluation reads every sample once")
-
-
-def _per_channel(value: float | Sequence[float], channels: int) -> torch.Tensor:
-    values = [float(value)] * channels if isinstance(value, int | float) else [float(v) for v in value]
-    if len(values) != channels:
-        raise VmoeError(f"mean/std need 1 or {channels} values, got {list(values)}")
-    return torch.tensor(values).view(1, channels, 1, 1)
+        raise VmoeError(f"{where} gives no full batch of {batch_size} per rank; lower the batch size")
+    return _schedule(per_worker, steps)
 
 
 def _shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -361,7 +326,7 @@ class _Stream(IterableDataset):
                 _train_shards(_shard_order(len(p.shards), p.seed, p.epoch), p.rank, p.world_size, worker, p.workers)
             )
         samples = (s for i in files for s in self._read(*p.shards[i]))
-        yield from _shuffle(samples, p.shuffle_buffer, rng)
+        yield from _shuffle(samples, SHUFFLE_BUFFER, rng)
 
     def _read(self, file: str, count: int) -> Iterable[dict[str, Any]]:
         """The samples of one shard: from the cache when there is one, else from its tar file."""

@@ -38,11 +38,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vmoe_cli.atomic import write_text_atomic
+from vmoe_cli.data.manifest import FORMAT, MANIFEST, STATE_DIR, file_sha256, read_manifest
 from vmoe_cli.data.sources import ArrayItem, Item, Source, open_source
 from vmoe_cli.errors import VmoeError
 
-FORMAT = "vmoe-shards/1"
-STATE_DIR = ".vmoe-shard"  # job.json and one record per finished shard; removed once the manifest is written
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> extension whose bytes we keep
 ENCODINGS = ("keep", "png", "jpg")
 SPLITS = ("train", "minival", "test")  # in manifest order
@@ -198,7 +197,7 @@ def write_shards(
         write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
     _check_skipped(len(skipped), total, max_skipped, out)
     if out is not None:
-        _write_json(out / "manifest.json", manifest)
+        _write_json(out / MANIFEST, manifest)
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
 
@@ -210,10 +209,9 @@ def eval_shards(spec: str, cache_dir: str | Path, workers: int = 1) -> Path:
     `cache_dir/shards/` under a key of its listing (with a seeded 20% test hold-out when it has no test split).
     """
     path = Path(spec)
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file() or (path / STATE_DIR).is_dir():
+        read_manifest(path)  # unfinished shards: one line naming the command to rerun
         return path
-    if (path / STATE_DIR).is_dir():
-        raise VmoeError(f"{spec}: unfinished shards (no manifest.json); rerun the `vmoe shard` command that wrote them")
     source = open_source(spec)
     options = ShardOptions(test=0.0 if source.splits.get("test") else EVAL_TEST_FRACTION)
     listing = [[split, item.id, item.label] for split, items in source.splits.items() for item in items]
@@ -242,54 +240,6 @@ def encode_image(item: Item, options: ShardOptions) -> tuple[bytes, str]:
     else:
         image.save(buffer, format="PNG")
     return buffer.getvalue(), ext
-
-
-def shard_info(out_dir: str | Path, verify: bool = False, ranks: int = 1, workers: int = 1) -> dict[str, Any]:
-    """Counts per split and class, and problems: missing or (with `verify`) corrupt shards, shard counts
-    that do not spread evenly over `ranks` x `workers` readers, empty shards.
-
-    Returns {"manifest": ..., "problems": [str], "failed": [str]}; `failed` lists shards that are missing,
-    the wrong size, or (with `verify`) whose sha256 differs from the manifest's.
-    """
-    out = Path(out_dir)
-    if ranks < 1 or workers < 1:
-        raise VmoeError(f"--ranks and --workers must be at least 1, got {ranks} and {workers}")
-    path = out / "manifest.json"
-    if not path.is_file():
-        what = (
-            "the job is not finished: rerun the same `vmoe shard` command"
-            if (out / STATE_DIR).is_dir()
-            else ("not a `vmoe shard` output folder")
-        )
-        raise VmoeError(f"{out}: no manifest.json ({what})")
-    manifest = _read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise VmoeError(f"{path}: not a {FORMAT} manifest")
-    readers = ranks * workers
-    problems, failed = [], []
-    for split, info in manifest["splits"].items():
-        shards = info["shards"]
-        if len(shards) < readers:
-            problems.append(
-                f"{split}: {len(shards)} shards for {ranks} ranks x {workers} workers: {readers - len(shards)} "
-                "readers get no shard (use fewer workers, or reshard with a smaller --shard-size)"
-            )
-        elif len(shards) % readers:
-            problems.append(
-                f"{split}: {len(shards)} shards over {readers} readers: some read {len(shards) // readers + 1}, "
-                f"others {len(shards) // readers} (use a fixed epoch length, or reshard)"
-            )
-        per_rank = [sum(s["count"] for s in shards[r::ranks]) for r in range(ranks)]
-        if ranks > 1 and min(per_rank) != max(per_rank):
-            problems.append(f"{split}: samples per rank range from {min(per_rank)} to {max(per_rank)}")
-        empty = [s["file"] for s in shards if s["count"] == 0]
-        if empty:
-            problems.append(f"{split}: {len(empty)} empty shard(s): {', '.join(empty[:3])}")
-        for shard in shards:
-            reason = _shard_problem(out / shard["file"], shard, verify)
-            if reason:
-                failed.append(f"{shard['file']}: {reason}")
-    return {"manifest": manifest, "problems": problems, "failed": failed}
 
 
 class _Report:
@@ -327,7 +277,7 @@ def _prepare(out: Path, job: dict[str, Any], overwrite: bool) -> dict[str, Any] 
     if overwrite:
         _clear(out)
     elif any(out.iterdir()):
-        manifest, job_file = out / "manifest.json", out / STATE_DIR / "job.json"
+        manifest, job_file = out / MANIFEST, out / STATE_DIR / "job.json"
         previous = _read_json(manifest) if manifest.is_file() else _read_json(job_file) if job_file.is_file() else None
         if previous is None:
             raise VmoeError(f"{out}: not empty and not written by `vmoe shard` (choose an empty --out, or --overwrite)")
@@ -347,7 +297,7 @@ def _clear(out: Path) -> None:
     """Delete what `vmoe shard` writes (shards, temp files, manifest, sizes, report, state); nothing else."""
     for path in [*out.glob("*.tar"), *out.glob("*.tmp")]:
         path.unlink()
-    for name in ("manifest.json", "sizes.json", "skipped.jsonl"):
+    for name in (MANIFEST, "sizes.json", "skipped.jsonl"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
@@ -533,28 +483,6 @@ def _mode_for(image: Image.Image, ext: str) -> Image.Image:
         return image.convert("L")
     alpha = ext == "png" and (image.mode in ("PA", "La") or "transparency" in image.info)
     return image.convert("RGBA" if alpha else "RGB")
-
-
-def _shard_problem(path: Path, shard: dict[str, Any], verify: bool) -> str:
-    """Why a shard file does not match its manifest entry ('' when it does)."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return "missing"
-    if size != shard["bytes"]:
-        return f"{size} bytes, the manifest says {shard['bytes']}"
-    if verify and file_sha256(path) != shard["sha256"]:
-        return "sha256 differs from the manifest's"
-    return ""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> Any:

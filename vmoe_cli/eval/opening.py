@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
-from vmoe_cli.config import DataConfig
-from vmoe_cli.data.loader import Loader, build_loader, read_manifest
-from vmoe_cli.data.shard import eval_shards, file_sha256
+from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.loader import Loader, build_loader
+from vmoe_cli.data.manifest import MANIFEST, file_sha256, read_manifest
+from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import VisionTransformer
 
@@ -60,7 +61,7 @@ class EvalData:
     @cached_property
     def manifest_sha256(self) -> str:
         """The data's identity in feature caches and saved sweep state."""
-        return file_sha256(self.shard_dir / "manifest.json")
+        return file_sha256(self.shard_dir / MANIFEST)
 
 
 def open_checkpoint(checkpoint: str | Path, option: str = "--checkpoint") -> Opened:
@@ -86,7 +87,8 @@ def open_data(data: str, cache_dir: str | Path, splits: Sequence[str], hint: str
 
 def eval_loader(shard_dir: Path, split: str, batch_size: int, preprocess: Preprocess, start_batch: int = 0) -> Loader:
     """Evaluation batches of `split` in manifest order, read as `preprocess` says, from batch `start_batch` on."""
+    reading = DataConfig(mean=preprocess.mean, std=preprocess.std)  # in this process, no cache: read once
     return build_loader(
-        shard_dir, split, batch_size=batch_size, image_size=preprocess.image_size, channels=preprocess.channels,
-        train=False, mean=preprocess.mean, std=preprocess.std, start_batch=start_batch,
+        shard_dir, split, reading, batch_size=batch_size, image_size=preprocess.image_size,
+        channels=preprocess.channels, train=False, start_batch=start_batch,
     )  # fmt: skip

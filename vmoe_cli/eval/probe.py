@@ -1,4 +1,4 @@
-"""Few-shot linear probing of a frozen backbone (DESIGN.md section 5), the V-MoE papers' transfer metric:
+"""Few-shot linear probing of a frozen backbone (big_vision's practice), the V-MoE papers' transfer metric:
 the features, their cache and the probe, shared by `vmoe fewshot` (eval/fewshot.py) and the sweep's column.
 
 Features are the pre-logits of the model in evaluation mode (no routing noise; K, capacity and BPR as

@@ -1,6 +1,6 @@
 """Fine-tuning: a pre-trained checkpoint's weights in the recipe's model, a new head, then the shared loop.
 
-What may differ from the checkpoint's model (DESIGN.md section 4): the number of classes and the head
+What may differ from the checkpoint's model (the V-MoE papers' fine-tuning practice): the number of classes and the head
 (always new: zero weights, bias -log(classes)), the image resolution (the position-embedding grid is resized
 bilinearly, the CLS row kept), routing settings (K, capacity, groups, BPR: recipe values, expert weights from
 the checkpoint) and the training section. Anything else that changes a tensor's shape or name (width, depth,

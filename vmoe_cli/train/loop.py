@@ -1,8 +1,8 @@
 """One training loop for pretrain and finetune: train step, log, evaluate, checkpoint, until `train.steps`.
 
 Accelerate owns devices, processes, mixed precision and gradient accumulation; `prepare()` sees the
-model, optimiser and scheduler only, never the loader, which is already split per rank (DESIGN.md
-section 4). Determinism: before every step the global torch RNG (router noise, dropout) and the mixup
+model, optimiser and scheduler only, never the loader, which is already split per rank
+(data/loader.py). Determinism: before every step the global torch RNG (router noise, dropout) and the mixup
 generator are reseeded from (seed, step, rank), and the loader resumes at (epoch, batch), so a run
 resumed from a checkpoint takes exactly the steps an uninterrupted run takes. What a checkpoint restores
 (`TrainState`) and the run's fixed parts (`Run`) are in state.py.
@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from vmoe_cli.checkpoint import checkpoint_dir, find_resume, load_recipe_of, load_weights, save_checkpoint
-from vmoe_cli.config import DataConfig, Recipe, TrainConfig, dump_recipe, recipe_to_dict
+from vmoe_cli.config import Recipe, TrainConfig, dump_recipe, recipe_to_dict
 from vmoe_cli.data.augment import mixup
+from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
@@ -119,9 +121,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Top-1 over the whole eval split: each rank counts its part, one reduce at the end."""
     loader = build_loader(
-        data.shards, data.eval_split, batch_size=batch_size, image_size=recipe.model.image_size,
+        data.shards, data.eval_split, data, batch_size=batch_size, image_size=recipe.model.image_size,
         channels=recipe.model.channels, train=False, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, workers=data.workers, mean=data.mean, std=data.std, cache=data.cache,
+        world_size=accelerator.num_processes,
     )  # fmt: skip
     model.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=accelerator.device)  # correct, total
@@ -167,10 +169,7 @@ def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt:
     freeze(model, cfg.freeze)
     if ckpt is not None:
         model.load_state_dict(load_weights(ckpt))
-
-    def loader(epoch: int, start: int) -> Loader:
-        return _train_loader(data, cfg, recipe, micro, accelerator, epoch, start)
-
+    loader = _train_loaders(recipe, micro, accelerator)
     total = cfg.steps or math.ceil(cfg.epochs * loader(0, 0).steps / cfg.grad_accum)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, total, cfg)
@@ -212,16 +211,18 @@ def _micro_batch(cfg: TrainConfig, processes: int) -> int:
     return cfg.batch_size // parts
 
 
-def _train_loader(
-    data: DataConfig, cfg: TrainConfig, recipe: Recipe, micro: int, accelerator: Accelerator, epoch: int, start: int
-) -> Loader:
-    return build_loader(
-        data.shards, data.train_split, batch_size=micro, image_size=recipe.model.image_size,
-        channels=recipe.model.channels, train=True, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, workers=data.workers, seed=cfg.seed, epoch=epoch,
-        augment=data.augment, resampled=data.resampled, epoch_images=data.epoch_images, start_batch=start,
-        mean=data.mean, std=data.std, cache=data.cache,
-    )  # fmt: skip
+def _train_loaders(recipe: Recipe, micro: int, accelerator: Accelerator) -> Callable[[int, int], Loader]:
+    """This rank's train loader of any (epoch, first batch)."""
+    data, cfg, model = recipe.data, recipe.train, recipe.model
+
+    def loader(epoch: int, start: int) -> Loader:
+        return build_loader(
+            data.shards, data.train_split, data, batch_size=micro, image_size=model.image_size,
+            channels=model.channels, train=True, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, seed=cfg.seed, epoch=epoch, start_batch=start,
+        )  # fmt: skip
+
+    return loader
 
 
 def _compiled(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:

@@ -19,7 +19,8 @@ import torch
 from accelerate import Accelerator
 
 from vmoe_cli.checkpoint import load_train_state
-from vmoe_cli.config import DataConfig, Recipe, TrainConfig
+from vmoe_cli.config import Recipe, TrainConfig
+from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import Loader
 from vmoe_cli.train.distributed import load_optimizer_state
 from vmoe_cli.train.losses import SuperclassGuidance

@@ -1,0 +1,101 @@
+"""The manifest of a shard directory: its file name and format, its one reader, and its verification.
+
+`vmoe shard` (data/shard.py) writes `manifest.json` last, so its presence means the shards are complete. The
+loader, `vmoe shard-info` and the evaluation commands all read it through `read_manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from vmoe_cli.errors import VmoeError
+
+MANIFEST = "manifest.json"
+FORMAT = "vmoe-shards/1"
+STATE_DIR = ".vmoe-shard"  # job.json and one record per finished shard; removed once the manifest is written
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a vmoe shard directory; VmoeError naming the directory when it is not a finished one."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        if (Path(shard_dir) / STATE_DIR).is_dir():
+            raise VmoeError(
+                f"{shard_dir}: unfinished shards (no {MANIFEST}); rerun the `vmoe shard` command that wrote them"
+            )
+        raise VmoeError(f"{shard_dir}: not a vmoe shard directory (no {MANIFEST}); create one with `vmoe shard`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VmoeError(f"{path}: unreadable manifest ({e}); re-run `vmoe shard`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise VmoeError(f"{path}: not a {FORMAT} manifest; re-run `vmoe shard`")
+    return manifest
+
+
+def shard_info(out_dir: str | Path, verify: bool = False, ranks: int = 1, workers: int = 1) -> dict[str, Any]:
+    """Counts per split and class, and problems: missing or (with `verify`) corrupt shards, shard counts
+    that do not spread evenly over `ranks` x `workers` readers, empty shards.
+
+    Returns {"manifest": ..., "problems": [str], "failed": [str]}; `failed` lists shards that are missing,
+    the wrong size, or (with `verify`) whose sha256 differs from the manifest's.
+    """
+    if ranks < 1 or workers < 1:
+        raise VmoeError(f"--ranks and --workers must be at least 1, got {ranks} and {workers}")
+    manifest = read_manifest(out_dir)
+    problems, failed = [], []
+    for split, info in manifest["splits"].items():
+        problems += _spread_problems(split, info["shards"], ranks, workers)
+        for shard in info["shards"]:
+            reason = _shard_problem(Path(out_dir) / shard["file"], shard, verify)
+            if reason:
+                failed.append(f"{shard['file']}: {reason}")
+    return {"manifest": manifest, "problems": problems, "failed": failed}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _spread_problems(split: str, shards: list[dict[str, Any]], ranks: int, workers: int) -> list[str]:
+    """How `split`'s shards spread badly over `ranks` x `workers` readers, and its empty shards."""
+    readers = ranks * workers
+    problems = []
+    if len(shards) < readers:
+        problems.append(
+            f"{split}: {len(shards)} shards for {ranks} ranks x {workers} workers: {readers - len(shards)} "
+            "readers get no shard (use fewer workers, or reshard with a smaller --shard-size)"
+        )
+    elif len(shards) % readers:
+        problems.append(
+            f"{split}: {len(shards)} shards over {readers} readers: some read {len(shards) // readers + 1}, "
+            f"others {len(shards) // readers} (use a fixed epoch length, or reshard)"
+        )
+    per_rank = [sum(s["count"] for s in shards[r::ranks]) for r in range(ranks)]
+    if ranks > 1 and min(per_rank) != max(per_rank):
+        problems.append(f"{split}: samples per rank range from {min(per_rank)} to {max(per_rank)}")
+    empty = [s["file"] for s in shards if s["count"] == 0]
+    if empty:
+        problems.append(f"{split}: {len(empty)} empty shard(s): {', '.join(empty[:3])}")
+    return problems
+
+
+def _shard_problem(path: Path, shard: dict[str, Any], verify: bool) -> str:
+    """Why a shard file does not match its manifest entry ('' when it does)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "missing"
+    if size != shard["bytes"]:
+        return f"{size} bytes, the manifest says {shard['bytes']}"
+    if verify and file_sha256(path) != shard["sha256"]:
+        return "sha256 differs from the manifest's"
+    return ""
