@@ -37,7 +37,7 @@ import math
 import random
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,11 @@ class _Plan:
     epoch: int
     augment: AugmentConfig
     resampled: bool
-    first: list[int]  # per logical worker: index of its first batch to yield (resume)
-    stop: list[int]  # per logical worker: how many of its batches this epoch uses
-    offset: int  # logical worker of DataLoader worker i is (i + offset) % workers
-    cache: dict[str, tuple[dict[str, Any], ...]] | None  # shard file -> decoded samples; None reads the tars
+    # filled once the epoch's schedule is known:
+    first: list[int] = field(default_factory=list)  # per logical worker: index of its first batch to yield (resume)
+    stop: list[int] = field(default_factory=list)  # per logical worker: how many of its batches this epoch uses
+    offset: int = 0  # logical worker of DataLoader worker i is (i + offset) % workers
+    cache: dict[str, tuple[dict[str, Any], ...]] | None = None  # shard file -> decoded samples; None reads the tars
 
 
 class Loader:
@@ -155,20 +156,23 @@ def build_loader(
     if split not in splits:
         raise VmoeError(f"{shard_dir}: no split {split!r} (has: {', '.join(splits) or 'none'})")
     shards = [(s["file"], int(s["count"])) for s in splits[split]["shards"]]
-    where = f"{shard_dir}: split {split!r}"
-    schedule = _epoch_schedule(where, shards, data, batch_size, train, rank, world_size, seed, epoch)
-    steps, slots = len(schedule), max(1, data.workers)
+    plan = _Plan(
+        shard_dir=Path(shard_dir), shards=shards, split=split, batch_size=batch_size, image_size=image_size,
+        channels=channels, train=train, rank=rank, world_size=world_size, processes=data.workers,
+        workers=max(1, data.workers), seed=seed, epoch=epoch, augment=data.augment,
+        resampled=train and data.resampled,
+    )  # fmt: skip
+    schedule = _epoch_schedule(plan, data.epoch_images)
+    steps = len(schedule)
     if not 0 <= start_batch <= steps:
         raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
     decoded = None
     if data.cache:  # filled on the first call for this split, reused by every later loader of this process
         decoded = {f: _decoded_shard(str(shard_dir), f, n, channels, _stamp(Path(shard_dir, f))) for f, n in shards}
-    plan = _Plan(
-        shard_dir=Path(shard_dir), shards=shards, split=split, batch_size=batch_size, image_size=image_size,
-        channels=channels, train=train, rank=rank, world_size=world_size, processes=data.workers, workers=slots,
-        seed=seed, epoch=epoch, augment=data.augment, resampled=data.resampled,
-        first=[schedule[:start_batch].count(w) for w in range(slots)], stop=[schedule.count(w) for w in range(slots)],
-        offset=schedule[start_batch] if start_batch < steps else 0, cache=decoded,
+    plan = replace(
+        plan, cache=decoded, offset=schedule[start_batch] if start_batch < steps else 0,
+        first=[schedule[:start_batch].count(w) for w in range(plan.workers)],
+        stop=[schedule.count(w) for w in range(plan.workers)],
     )  # fmt: skip
     return Loader(plan, steps, start_batch, _per_channel(data.mean, channels), _per_channel(data.std, channels), raw)
 
@@ -192,47 +196,34 @@ def _per_channel(value: float | Sequence[float], channels: int) -> torch.Tensor:
     return torch.tensor(values).view(1, channels, 1, 1)
 
 
-def _epoch_schedule(
-    where: str,
-    shards: list[tuple[str, int]],
-    data: DataConfig,
-    batch_size: int,
-    train: bool,
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int,
-) -> list[int]:
+def _epoch_schedule(plan: _Plan, epoch_images: int | None) -> list[int]:
     """The logical worker of each batch of this rank's epoch, from the manifest's counts alone.
 
     Its length is the epoch's `steps`: in training the same on every rank (the minimum over ranks).
     """
-    slots = max(1, data.workers)
-    if train and data.resampled:
-        total = sum(c for _, c in shards) if data.epoch_images is None else data.epoch_images
-        steps = total // (batch_size * world_size)
+    shards, slots, batch, world = plan.shards, plan.workers, plan.batch_size, plan.world_size
+    where = f"{plan.shard_dir}: split {plan.split!r}"
+    if plan.resampled:
+        steps = (sum(c for _, c in shards) if epoch_images is None else epoch_images) // (batch * world)
         per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
-    elif train:
-        if len(shards) < world_size * slots:
+    elif plan.train:
+        if len(shards) < world * slots:
             raise VmoeError(
-                f"{where} has {len(shards)} shards, fewer than ranks x workers = {world_size} x {slots}; "
+                f"{where} has {len(shards)} shards, fewer than ranks x workers = {world} x {slots}; "
                 "use resampled mode or re-shard with smaller shards"
             )
-        order = _shard_order(len(shards), seed, epoch)
+        order = _shard_order(len(shards), plan.seed, plan.epoch)
         full = [
-            [
-                sum(shards[i][1] for i in _train_shards(order, r, world_size, w, slots)) // batch_size
-                for w in range(slots)
-            ]
-            for r in range(world_size)
+            [sum(shards[i][1] for i in _train_shards(order, r, world, w, slots)) // batch for w in range(slots)]
+            for r in range(world)
         ]
-        per_worker, steps = full[rank], min(sum(f) for f in full)
+        per_worker, steps = full[plan.rank], min(sum(f) for f in full)
     else:
-        start, end = _eval_range(sum(c for _, c in shards), rank, world_size)
-        steps = math.ceil((end - start) / batch_size)
+        start, end = _eval_range(sum(c for _, c in shards), plan.rank, world)
+        steps = math.ceil((end - start) / batch)
         per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
-    if train and steps == 0:
-        raise VmoeError(f"{where} gives no full batch of {batch_size} per rank; lower the batch size")
+    if plan.train and steps == 0:
+        raise VmoeError(f"{where} gives no full batch of {batch} per rank; lower the batch size")
     return _schedule(per_worker, steps)
 
 

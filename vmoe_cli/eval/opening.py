@@ -8,11 +8,13 @@ caches and resumable state are keyed on; they are computed on first use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
 from vmoe_cli.data.config import DataConfig
@@ -92,3 +94,15 @@ def eval_loader(shard_dir: Path, split: str, batch_size: int, preprocess: Prepro
         shard_dir, split, reading, batch_size=batch_size, image_size=preprocess.image_size,
         channels=preprocess.channels, train=False, start_batch=start_batch,
     )  # fmt: skip
+
+
+def eval_batches(
+    source: EvalData, split: str, batch_size: int, preprocess: Preprocess, progress: ProgressFn | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The `eval_loader` batches of `split`, telling `progress` the images done after each one is used."""
+    total, done = source.manifest["splits"][split]["count"], 0
+    for images, labels in eval_loader(source.shard_dir, split, batch_size, preprocess):
+        yield images, labels
+        done += len(labels)
+        if progress is not None:
+            progress(f"{source.shard_dir.name} {split}", done, total)

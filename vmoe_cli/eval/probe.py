@@ -36,7 +36,7 @@ import torch
 
 from vmoe_cli.atomic import write_bytes_atomic
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.opening import EvalData, Opened, Preprocess, ProgressFn, eval_loader, open_data
+from vmoe_cli.eval.opening import EvalData, Opened, Preprocess, ProgressFn, eval_batches, open_data
 from vmoe_cli.models.vit import VisionTransformer
 
 L2_GRID: tuple[float, ...] = tuple(2.0**p for p in range(-10, 20))  # big_vision's grid, 2^-10 .. 2^19
@@ -85,19 +85,14 @@ def extract(
     progress: ProgressFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features `[N, F]` float32 and labels `[N]` of every sample of `split`, in manifest order."""
-    loader = eval_loader(source.shard_dir, split, batch_size, backbone.preprocess)
-    total = source.manifest["splits"][split]["count"]
     model = None if backbone.model is None else backbone.model.to(device).eval()
-    feats, labels, done = [], [], 0
-    for images, y in loader:
+    feats, labels = [], []
+    for images, y in eval_batches(source, split, batch_size, backbone.preprocess, progress):
         if model is None:
             feats.append(images.flatten(1).numpy())  # [B, C*H*W]
         else:
             feats.append(model(images.to(device)).pre_logits.float().cpu().numpy())
         labels.append(y.numpy())
-        done += len(y)
-        if progress is not None:
-            progress(f"{source.shard_dir.name} {split}", done, total)
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 

@@ -20,7 +20,7 @@ from sklearn.cluster import KMeans
 
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_loader, open_checkpoint, open_data
+from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_batches, open_checkpoint, open_data
 
 AFFINITY_EPS = 1e-4  # added to every off-diagonal affinity so the class graph is connected
 
@@ -41,17 +41,11 @@ def confusion_matrix(
         raise VmoeError(
             f"the model predicts {opened.model.cfg.num_classes} classes but {source.shard_dir} has {classes}"
         )
-    loader = eval_loader(source.shard_dir, split, batch_size, opened.preprocess)
-    total = source.manifest["splits"][split]["count"]
     model = opened.model.to(device).eval()
     counts = np.zeros(classes * classes, dtype=np.int64)
-    done = 0
-    for images, labels in loader:
+    for images, labels in eval_batches(source, split, batch_size, opened.preprocess, progress):
         predicted = model(images.to(device)).logits.argmax(dim=1).cpu().numpy()
         counts += np.bincount(labels.numpy() * classes + predicted, minlength=classes * classes)
-        done += len(labels)
-        if progress is not None:
-            progress(f"{source.shard_dir.name} {split}", done, total)
     return counts.reshape(classes, classes)
 
 
