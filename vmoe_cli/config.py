@@ -56,6 +56,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate autocast
     fsdp: bool = False  # shard parameters, gradients and optimizer state over processes (FSDP2, one unit per
     #   block) for models that do not fit one device; False = DDP, a full replica per process
+    expert_parallel: int = 1  # N: the experts of every MoE layer spread over N processes (E/N each), tokens sent
+    #   to them; W processes form W/N data-parallel replicas of N; 1 = every process holds every expert
     compile: bool = False  # torch.compile the training forward and backward (inductor; on CPU it needs a C++
     #   compiler): faster steps after a compile of tens of seconds (README: `vmoe pretrain`); eval stays eager
     eval_every: int = 0  # evaluate every N steps; 0 = only at the end (always at the end)
@@ -74,7 +76,7 @@ class TrainConfig:
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
             raise VmoeError("train.steps and train.epochs must be > 0")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
-        positive["keep_last"] = self.keep_last
+        positive |= {"keep_last": self.keep_last, "expert_parallel": self.expert_parallel}
         for name, value in positive.items():
             if value < 1:
                 raise VmoeError(f"train.{name} must be >= 1, got {value}")

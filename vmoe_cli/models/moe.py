@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmoe_cli.models.config import MoEConfig
+from vmoe_cli.models.expert_parallel import ExpertGroup, agreed_rows, local_slice, return_to_senders, send_to_owners
 from vmoe_cli.models.routing import Plan, RouterOutput, make_router
 
 
@@ -61,7 +62,11 @@ def combine(out_ECD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
 
 
 class Experts(nn.Module):
-    """E two-layer GELU MLPs stored stacked, applied to `[E, rows, D]` by batched matmuls."""
+    """E two-layer GELU MLPs stored stacked, applied to `[E, rows, D]` by batched matmuls.
+
+    Under expert parallelism (`shard`) this rank keeps only its L = E / N experts, and forward sends each
+    expert's rows to the rank that holds it and the outputs back (models/expert_parallel.py).
+    """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, gelu: str, dropout: float, init: str):
         super().__init__()
@@ -71,6 +76,7 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, 1, dim))
         self.approximate = "tanh" if gelu == "tanh" else "none"
         self.dropout = nn.Dropout(dropout)
+        self.ep: ExpertGroup | None = None  # set by `shard`
         self.reset_parameters(identical=init == "identical")
 
     @torch.no_grad()
@@ -85,9 +91,27 @@ class Experts(nn.Module):
             for p in self.parameters():
                 p.copy_(p[:1].clone().expand_as(p))
 
+    @torch.no_grad()
+    def shard(self, ep: ExpertGroup) -> None:
+        """Keep only this rank's experts of the full `[E, ...]` weights; exchange rows with `ep` in forward."""
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(local_slice(p, ep).clone(), requires_grad=p.requires_grad))
+        self.ep = ep
+
     def forward(self, x_ERD: Tensor) -> Tensor:
-        h_ERH = F.gelu(torch.baddbmm(self.b1, x_ERD, self.w1), approximate=self.approximate)
-        return self.dropout(torch.baddbmm(self.b2, self.dropout(h_ERH), self.w2))
+        if self.ep is None:
+            return self.mlp(x_ERD)
+        R = x_ERD.shape[1]
+        # training: every rank's micro-batch, hence its buffers, has one size; evaluation pads to the largest
+        rows = R if self.training else agreed_rows(R, self.ep, x_ERD.device)
+        x_ERD = F.pad(x_ERD, (0, 0, 0, rows - R)) if rows > R else x_ERD
+        out_ERD = return_to_senders(self.mlp(send_to_owners(x_ERD, self.ep)), self.ep)
+        return out_ERD[:, :R]
+
+    def mlp(self, x_LRD: Tensor) -> Tensor:
+        """This rank's experts on their rows: `[L, rows, D]` -> `[L, rows, D]`."""
+        h_LRH = F.gelu(torch.baddbmm(self.b1, x_LRD, self.w1), approximate=self.approximate)
+        return self.dropout(torch.baddbmm(self.b2, self.dropout(h_LRH), self.w2))
 
 
 @dataclass

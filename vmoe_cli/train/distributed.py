@@ -1,8 +1,11 @@
 """How the model is spread over processes: DDP (the default) or FSDP2 (`train.fsdp`), behind one interface.
 
-DDP keeps a full replica per process; MoE experts that get no tokens on a step have no gradient, hence
-`find_unused_parameters=True`. FSDP2 shards parameters, gradients and optimizer state over the processes
-(each encoder block is one unit), for models that do not fit one GPU. Under FSDP every forward gathers
+DDP keeps a full replica per process. Every parameter takes part in every step (experts run over their whole
+fixed-size buffers, filled or not), so DDP need not search the graph for unused ones. With expert parallelism
+(train/expert_parallel.py) the expert parameters are hidden from DDP and reduced over their own group.
+
+FSDP2 shards parameters, gradients and optimizer state over the processes (each encoder block is one unit), for
+models that do not fit one GPU. Under FSDP every forward gathers
 parameters from all ranks, so every rank must run the same number of forward passes (evaluation pads),
 and full weights / optimizer state for a checkpoint are gathered collectively, then written by rank 0.
 
@@ -25,6 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vmoe_cli.config import TrainConfig
+from vmoe_cli.train.expert_parallel import (
+    ExpertParallel,
+    expert_names,
+    gather_optimizer_state,
+    gather_weights,
+    slice_optimizer_state,
+)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -43,7 +53,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         "step_scheduler_with_optimizer": False,  # stepped once per optimiser step, not once per process
     }
     if not cfg.fsdp:
-        return Accelerator(**common, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        return Accelerator(**common, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["Block"],
@@ -57,28 +67,41 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def full_states(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator, xp: ExpertParallel | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Unsharded model weights and optimizer state on rank 0 (collective under FSDP: call on every rank)."""
+    """Unsharded model weights and optimizer state on rank 0, full `[E, ...]` experts (collective under FSDP or
+    expert parallelism: call on every rank)."""
     if accelerator.is_fsdp2:
         weights = accelerator.get_state_dict(model)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return weights, get_optimizer_state_dict(model, optimizer, options=options)
-    return accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
+    unwrapped = accelerator.unwrap_model(model)
+    weights, state = unwrapped.state_dict(), optimizer.state_dict()
+    if xp is None:
+        return weights, state
+    weights = gather_weights(weights, xp, expert_names(unwrapped))
+    return weights, gather_optimizer_state(state, optimizer, unwrapped, xp)
 
 
 def load_optimizer_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], accelerator: Accelerator
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    accelerator: Accelerator,
+    xp: ExpertParallel | None,
 ) -> None:
-    """Restore the optimizer state written by `full_states` into the prepared optimizer."""
+    """Restore the optimizer state written by `full_states` into the prepared optimizer (experts sliced)."""
     if accelerator.is_fsdp2:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+        return
+    if xp is not None:
+        state = slice_optimizer_state(state, optimizer, accelerator.unwrap_model(model), xp)
+    optimizer.load_state_dict(state)
 
 
-def forward_passes(steps: int, accelerator: Accelerator) -> int:
-    """How many evaluation forward passes this rank runs: its own `steps`, or under FSDP the most of any rank."""
-    if not accelerator.is_fsdp2:
+def forward_passes(steps: int, accelerator: Accelerator, xp: ExpertParallel | None) -> int:
+    """How many evaluation forward passes this rank runs: its own `steps`, or under FSDP or expert parallelism
+    (whose forward passes are collectives) the most of any rank."""
+    if not accelerator.is_fsdp2 and xp is None:
         return steps
     return int(accelerator.reduce(torch.tensor(steps, device=accelerator.device), "max"))

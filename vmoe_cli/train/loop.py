@@ -31,6 +31,13 @@ from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
 from vmoe_cli.train.distributed import forward_passes, full_states, make_accelerator
+from vmoe_cli.train.expert_parallel import (
+    ExpertParallel,
+    clip_grad_norm,
+    expert_parallel,
+    reduce_expert_grads,
+    shard_model,
+)
 from vmoe_cli.train.losses import superclass_guidance, task_loss
 from vmoe_cli.train.optim import build_optimizer, build_scheduler, freeze, warmup_steps
 from vmoe_cli.train.report import Reporter
@@ -61,8 +68,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
             if record is not None:
                 reporter.train(_to_json(record), cfg.batch_size)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
-                unwrapped = run.accelerator.unwrap_model(run.model)
-                result = {"step": step, **evaluate(unwrapped, run.data, recipe, run.micro, run.accelerator)}
+                result = {"step": step, **evaluate(run)}
                 reporter.eval(result)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == run.total:
                 checkpoint(run, stream, step)
@@ -95,8 +101,8 @@ def train_step(run: Run, stream: Batches, step: int, log: bool) -> dict[str, Any
             aux = out.aux_loss if run.guidance is None else out.aux_loss + run.guidance.weighted(out, labels)
             _check_finite(loss + aux, step, accelerator)
             accelerator.backward(loss + aux)
-            if accelerator.sync_gradients and cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if accelerator.sync_gradients:
+                _finish_gradients(run)
             optimizer.step()
             optimizer.zero_grad()
         losses.append(loss.detach())
@@ -116,33 +122,43 @@ def train_step(run: Run, stream: Batches, step: int, log: bool) -> dict[str, Any
 
 
 @torch.no_grad()
-def evaluate(
-    model: VisionTransformer, data: DataConfig, recipe: Recipe, batch_size: int, accelerator: Accelerator
-) -> dict[str, Any]:
+def evaluate(run: Run) -> dict[str, Any]:
     """Top-1 over the whole eval split: each rank counts its part, one reduce at the end."""
+    accelerator, data, cfg = run.accelerator, run.data, run.recipe.model
+    model = accelerator.unwrap_model(run.model).eval()
     loader = build_loader(
-        data.shards, data.eval_split, data, batch_size=batch_size, image_size=recipe.model.image_size,
-        channels=recipe.model.channels, train=False, rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+        data.shards, data.eval_split, data, batch_size=run.micro, image_size=cfg.image_size, channels=cfg.channels,
+        train=False, rank=accelerator.process_index, world_size=accelerator.num_processes,
     )  # fmt: skip
-    model.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=accelerator.device)  # correct, total
     for images, labels in loader:
         logits = model(images.to(accelerator.device)).logits
         counts[0] += (logits.argmax(-1) == labels.to(accelerator.device)).sum()
         counts[1] += labels.numel()
-    for _ in range(forward_passes(len(loader), accelerator) - len(loader)):  # FSDP: match the other ranks
-        model(torch.zeros(1, recipe.model.channels, recipe.model.image_size, recipe.model.image_size,
-                          device=accelerator.device))  # fmt: skip
+    for _ in range(forward_passes(len(loader), accelerator, run.xp) - len(loader)):  # collectives: match the others
+        model(torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=accelerator.device))
     correct, total = accelerator.reduce(counts, "sum").tolist()
     return {"eval_top1": correct / max(total, 1), "eval_correct": correct, "eval_total": total}
+
+
+def _finish_gradients(run: Run) -> None:
+    """Before the update: expert gradients reduced over their peers (DDP did the rest), then clipped."""
+    if run.xp is not None:
+        reduce_expert_grads(run.model, run.xp)
+    if not run.cfg.grad_clip:
+        return
+    if run.xp is None:
+        run.accelerator.clip_grad_norm_(run.step_model.parameters(), run.cfg.grad_clip)
+    else:
+        run.accelerator.unscale_gradients()
+        clip_grad_norm(run.model, run.cfg.grad_clip, run.xp)
 
 
 def checkpoint(run: Run, stream: Batches, step: int) -> None:
     """Save weights, recipe and resumable state from rank 0, with every rank waiting around it."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    weights, optimizer_state = full_states(run.model, run.optimizer, accelerator)  # every rank: FSDP gathers
+    weights, optimizer_state = full_states(run.model, run.optimizer, accelerator, run.xp)  # every rank: gathers
     if accelerator.is_main_process:
         state = TrainState.capture(run, stream, step, optimizer_state)
         save_checkpoint(run.run_dir, step, weights, run.recipe, state.to_dict(), run.cfg.keep_last)
@@ -168,7 +184,10 @@ def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt:
     model = model or VisionTransformer(recipe.model)
     freeze(model, cfg.freeze)
     if ckpt is not None:
-        model.load_state_dict(load_weights(ckpt))
+        model.load_state_dict(load_weights(ckpt))  # full [E, ...] experts, whatever N wrote them
+    xp = _expert_layout(recipe, accelerator)
+    if xp is not None:
+        shard_model(model, xp)
     loader = _train_loaders(recipe, micro, accelerator)
     total = cfg.steps or math.ceil(cfg.epochs * loader(0, 0).steps / cfg.grad_accum)
     optimizer = build_optimizer(model, cfg)
@@ -181,14 +200,26 @@ def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt:
     step_model = _compiled(model, accelerator) if cfg.compile else model
     guidance = superclass_guidance(recipe.model.moe, accelerator.device)
     return Run(
-        recipe, data, cfg, run_dir, accelerator, model, step_model, optimizer, scheduler, loader, micro, total, guidance
-    )
+        recipe, data, cfg, run_dir, accelerator, model, step_model, optimizer, scheduler, loader, micro, total,
+        guidance, xp,
+    )  # fmt: skip
+
+
+def _expert_layout(recipe: Recipe, accelerator: Accelerator) -> ExpertParallel | None:
+    """The run's expert-parallel layout (None without it); every rank creates the process groups."""
+    n = recipe.train.expert_parallel
+    if n > 1 and recipe.train.fsdp:
+        raise VmoeError("train.expert_parallel > 1 with train.fsdp=true is not supported yet; set one of them")
+    num_experts = None if recipe.model.moe is None else recipe.model.moe.num_experts
+    return expert_parallel(n, num_experts, accelerator.num_processes, accelerator.process_index)
 
 
 def _notes(run: Run, step: int, reporter: Reporter) -> None:
     """The run's opening lines: how it is spread over processes, and a warmup cut short to fit the run."""
     accelerator = run.accelerator
     spread = "FSDP2" if accelerator.is_fsdp2 else "DDP" if accelerator.num_processes > 1 else "1 process"
+    if run.xp is not None:
+        spread += f", {run.xp.layout}"
     reporter.note(f"{accelerator.num_processes} x {accelerator.device.type}, {spread}; steps {step} -> {run.total}")
     warmup = warmup_steps(run.total, run.cfg)
     if warmup < run.cfg.warmup_steps:

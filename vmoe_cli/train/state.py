@@ -23,6 +23,7 @@ from vmoe_cli.config import Recipe, TrainConfig
 from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import Loader
 from vmoe_cli.train.distributed import load_optimizer_state
+from vmoe_cli.train.expert_parallel import ExpertParallel
 from vmoe_cli.train.losses import SuperclassGuidance
 
 
@@ -43,6 +44,7 @@ class Run:
     micro: int  # images per process per micro-batch
     total: int  # optimiser steps of the whole run
     guidance: SuperclassGuidance | None  # the per-image router's super-class guidance, when the recipe has one
+    xp: ExpertParallel | None  # where this rank stands under expert parallelism (train.expert_parallel > 1)
 
 
 class Batches:
@@ -103,7 +105,7 @@ class TrainState:
 
     def restore(self, run: Run) -> None:
         """Put the optimiser, schedule, RNG and loss-scale states into the prepared `run` (every rank)."""
-        load_optimizer_state(run.model, run.optimizer, self.optimizer, run.accelerator)
+        load_optimizer_state(run.model, run.optimizer, self.optimizer, run.accelerator, run.xp)
         run.scheduler.load_state_dict(self.scheduler)
         random.setstate(self.rng["python"])
         np.random.set_state(self.rng["numpy"])

@@ -1,0 +1,82 @@
+"""Expert parallelism on CPU processes (gloo): equal to one process, and checkpoints any N can resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import RECIPE, ROOT, VENV_BIN, settings
+
+from vmoe_cli.config import load_recipe
+from vmoe_cli.errors import VmoeError
+from vmoe_cli.train.expert_parallel import expert_parallel
+
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+TOLERANCE = 1e-5  # relative: the largest difference over a tensor / its largest value
+
+
+def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
+    command = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(processes), *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize(("world", "n"), [(2, 2), (4, 2), (4, 4)])
+def test_expert_parallel_model_equals_the_single_process_model(world, n):
+    """(a) every router's outputs and every gradient of one step, also when all tokens go to one rank's experts;
+    (b) three steps of SGD with clipping: the weights."""
+    done = torchrun(world, "tests/expert_parallel_worker.py", str(n))
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 9 and all(r["world"] == world and r["n"] == n for r in results)
+    for r in results:
+        for key in ("logits", "grads", "weights"):
+            if key in r:
+                assert r[key] <= TOLERANCE, r
+
+
+def test_layouts_that_cannot_work_are_one_line_errors():
+    assert expert_parallel(1, None, 3, 0) is None  # N = 1: nothing to set up, any model and world
+    with pytest.raises(VmoeError, match="does not divide the 3 processes"):
+        expert_parallel(2, 4, 3, 0)
+    with pytest.raises(VmoeError, match="does not divide model.moe.num_experts=6"):
+        expert_parallel(4, 6, 4, 0)
+    with pytest.raises(VmoeError, match="needs a V-MoE"):
+        expert_parallel(2, None, 2, 0)
+    with pytest.raises(VmoeError, match="train.expert_parallel must be >= 1"):
+        load_recipe(RECIPE, ["train.expert_parallel=0"])
+
+
+def test_checkpoints_hold_every_expert_and_resume_at_any_n(digits, tmp_path):
+    """(c) N=2 from scratch == N=2 resumed, to the bit; N=2's checkpoint resumes at N=1 (one process) and N=4,
+    and those checkpoints at N=2 again: each run continues and keeps the full [E, ...] layout."""
+    run = tmp_path / "run"
+    base = ["-m", "vmoe_cli.cli", "pretrain", str(RECIPE)]
+    sets = sum((["--set", s] for s in settings(digits, 4, checkpoint_every=2)), [])
+
+    def pretrain(processes: int, n: int, out: Path, *extra: str) -> str:
+        args = [*base, "--out", str(out), *sets, "--set", f"train.expert_parallel={n}", *extra]
+        return torchrun(processes, *args).stderr
+
+    first = pretrain(2, 2, run)
+    assert "2 x cpu, DDP, DP 1 x EP 2" in first  # the first line states the layout
+    whole = load_file(run / "checkpoints/step_00000004/model.safetensors")
+    experts = {k: v.shape for k, v in whole.items() if ".experts." in k}
+    assert experts and all(shape[0] == 4 for shape in experts.values())  # every expert, gathered
+
+    resumed = tmp_path / "resumed"
+    step2 = run / "checkpoints/step_00000002"
+    pretrain(2, 2, resumed, "--resume", str(step2))
+    again = load_file(resumed / "checkpoints/step_00000004/model.safetensors")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)  # same N: bit-identical
+
+    for processes, n, steps in ((1, 1, 6), (4, 4, 8), (2, 2, 10)):  # N=2 -> N=1 -> N=4 -> N=2
+        pretrain(processes, n, run, "--resume", "latest", "--set", f"train.steps={steps}")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_top1" in m] == [4, 6, 8, 10]
+    assert all(m["eval_total"] == 180 for m in metrics if "eval_top1" in m)  # every sample once, at every N
