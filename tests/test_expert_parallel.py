@@ -80,3 +80,20 @@ def test_checkpoints_hold_every_expert_and_resume_at_any_n(digits, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval_top1" in m] == [4, 6, 8, 10]
     assert all(m["eval_total"] == 180 for m in metrics if "eval_top1" in m)  # every sample once, at every N
+
+
+def test_launchers_start_the_processes_they_say_or_refuse(digits, tmp_path):
+    """The README's CPU launches: accelerate launch really starts 2 processes; a launch whose processes would
+    each train alone (no ACCELERATE_USE_CPU on CPU) stops with one line instead of pretending."""
+    args = ["pretrain", str(RECIPE), *sum((["--set", s] for s in settings(digits, 2)), [])]
+    launch = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "-m", "vmoe_cli.cli"]
+    done = subprocess.run([*launch, *args, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=240)  # fmt: skip
+    assert done.returncode == 0 and "2 x cpu, DDP; steps 0 -> 2" in done.stderr, done.stderr[-3000:]
+
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    command = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "-m", "vmoe_cli.cli", *args]
+    done = subprocess.run([*command, "--out", str(tmp_path / "b")], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=240)  # fmt: skip
+    assert done.returncode != 0 and "launched as 2 processes, but Accelerate joined 1" in done.stderr
+    assert not (tmp_path / "b" / "checkpoints").exists()

@@ -15,6 +15,7 @@ back to DDP without a word, so `make_accelerator` sets the distributed type itse
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vmoe_cli.config import TrainConfig
+from vmoe_cli.errors import VmoeError
 from vmoe_cli.train.expert_parallel import (
     ExpertParallel,
     expert_names,
@@ -53,16 +55,29 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         "step_scheduler_with_optimizer": False,  # stepped once per optimiser step, not once per process
     }
     if not cfg.fsdp:
-        return Accelerator(**common, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+        return _launched_as_seen(Accelerator(**common, kwargs_handlers=[ddp]))
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["Block"],
     )  # fmt: skip
-    accelerator = Accelerator(**common, fsdp_plugin=plugin)
+    accelerator = _launched_as_seen(Accelerator(**common, fsdp_plugin=plugin))
     if accelerator.distributed_type == DistributedType.MULTI_CPU:
         PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState copies it from here
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+def _launched_as_seen(accelerator: Accelerator) -> Accelerator:
+    """The accelerator, unless the launcher started more processes than it joined: each would then train alone
+    into the same run directory (a CPU launch without ACCELERATE_USE_CPU=1 falls back to one process each)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise VmoeError(
+            f"launched as {launched} processes, but Accelerate joined {accelerator.num_processes}; on CPU set "
+            "ACCELERATE_USE_CPU=1 (torchrun, or accelerate launch --multi_gpu)"
+        )
     return accelerator
 
 
