@@ -32,11 +32,12 @@ from vmoe_cli.config import TrainConfig
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.train.expert_parallel import (
     ExpertParallel,
-    expert_names,
     gather_optimizer_state,
     gather_weights,
     slice_optimizer_state,
 )
+
+EXPERTS = r"blocks\.\d+\.mlp\.experts"  # module names of the stacked experts (models/vit.py, models/moe.py)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -60,6 +61,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["Block"],
+        ignored_modules=EXPERTS if cfg.expert_parallel > 1 else None,  # sharded by expert parallelism instead
     )  # fmt: skip
     accelerator = _launched_as_seen(Accelerator(**common, fsdp_plugin=plugin))
     if accelerator.distributed_type == DistributedType.MULTI_CPU:
@@ -86,15 +88,16 @@ def full_states(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Unsharded model weights and optimizer state on rank 0, full `[E, ...]` experts (collective under FSDP or
     expert parallelism: call on every rank)."""
+    unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_fsdp2:
         weights = accelerator.get_state_dict(model)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return weights, get_optimizer_state_dict(model, optimizer, options=options)
-    unwrapped = accelerator.unwrap_model(model)
-    weights, state = unwrapped.state_dict(), optimizer.state_dict()
+        state = get_optimizer_state_dict(model, optimizer, options=options)
+    else:
+        weights, state = unwrapped.state_dict(), optimizer.state_dict()
     if xp is None:
         return weights, state
-    weights = gather_weights(weights, xp, expert_names(unwrapped))
+    weights = {**weights, **gather_weights(unwrapped, xp)}
     return weights, gather_optimizer_state(state, optimizer, unwrapped, xp)
 
 
@@ -106,12 +109,12 @@ def load_optimizer_state(
     xp: ExpertParallel | None,
 ) -> None:
     """Restore the optimizer state written by `full_states` into the prepared optimizer (experts sliced)."""
-    if accelerator.is_fsdp2:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-        return
     if xp is not None:
         state = slice_optimizer_state(state, optimizer, accelerator.unwrap_model(model), xp)
-    optimizer.load_state_dict(state)
+    if accelerator.is_fsdp2:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 def forward_passes(steps: int, accelerator: Accelerator, xp: ExpertParallel | None) -> int:

@@ -11,13 +11,13 @@ resumes at any other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.expert_parallel import ExpertGroup, local_slice
@@ -89,54 +89,70 @@ def reduce_expert_grads(model: nn.Module, xp: ExpertParallel) -> None:
 
 @torch.no_grad()
 def clip_grad_norm(model: nn.Module, max_norm: float, xp: ExpertParallel) -> torch.Tensor:
-    """Clip all gradients by their global norm, as on one process: the expert part is summed over the replica."""
+    """Clip all gradients by their global norm, as on one process: FSDP2's shards summed over all ranks, this
+    rank's experts over the replica (DDP's gradients are the same on every rank)."""
     experts = {id(p) for p in _expert_parameters(model)}
-    with_grad = [p for p in model.parameters() if p.grad is not None]
-    shared = sum((p.grad.float().square().sum() for p in with_grad if id(p) not in experts), torch.zeros(()))
-    expert = sum((p.grad.float().square().sum() for p in with_grad if id(p) in experts), torch.zeros(()))
-    expert = expert.to(with_grad[0].grad.device)
-    dist.all_reduce(expert, group=xp.replica.group)  # this rank's experts are 1/N of them
-    total = (shared.to(expert.device) + expert).sqrt()
-    torch._foreach_mul_([p.grad for p in with_grad], (max_norm / (total + 1e-6)).clamp(max=1.0))
+    grads = [(p.grad, id(p) in experts) for p in model.parameters() if p.grad is not None]
+    device = grads[0][0].device
+    squares = {kind: torch.zeros((), device=device) for kind in ("replicated", "sharded", "expert")}
+    for grad, expert in grads:
+        kind = "expert" if expert else "sharded" if isinstance(grad, DTensor) else "replicated"
+        squares[kind] += _local(grad).float().square().sum()
+    dist.all_reduce(squares["sharded"])  # FSDP2 shards over every rank
+    dist.all_reduce(squares["expert"], group=xp.replica.group)  # this rank holds 1/N of the experts
+    total = sum(squares.values()).sqrt()
+    torch._foreach_mul_([_local(grad) for grad, _ in grads], (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total
 
 
-def gather_weights(weights: dict[str, torch.Tensor], xp: ExpertParallel, names: list[str]) -> dict[str, torch.Tensor]:
-    """The full `[E, ...]` expert tensors from every rank's slices (collective: every rank calls it)."""
-    return {name: _gather(w, xp) if name in names else w for name, w in weights.items()}
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient: an FSDP2 shard, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_weights(model: nn.Module, xp: ExpertParallel) -> dict[str, torch.Tensor]:
+    """The full `[E, ...]` expert tensors from every rank's slices, by name (collective: every rank calls it)."""
+    return {name: _gather(p.detach(), xp) for name, p in _named_expert_parameters(model)}
 
 
 def gather_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module,
                            xp: ExpertParallel) -> dict[str, Any]:  # fmt: skip
-    """`optimizer.state_dict()` with every expert parameter's tensors full `[E, ...]` (collective). New entries:
-    the state dict shares its per-parameter dicts with the live optimiser."""
-    return _map_expert_state(state, optimizer, model, lambda value: _gather(value, xp))
+    """A full optimiser state dict (keyed by position, or by name under FSDP2) with every expert parameter's
+    tensors full `[E, ...]`, gathered from the live optimiser (collective: every rank calls it; under FSDP2 only
+    rank 0's `state` holds anything)."""
+    per_param = dict(state.get("state", {}))
+    for key, (_, p) in zip(_expert_keys(state, optimizer, model), _named_expert_parameters(model), strict=True):
+        per_param[key] = {
+            k: _gather(v, xp) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in optimizer.state[p].items()
+        }
+    return {**state, "state": per_param}
 
 
 def slice_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module,
                           xp: ExpertParallel) -> dict[str, Any]:  # fmt: skip
-    """A full optimiser state cut to this rank's experts, for `optimizer.load_state_dict`."""
-    return _map_expert_state(state, optimizer, model, lambda value: local_slice(value, xp.replica).clone())
-
-
-def _map_expert_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module,
-                      change: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:  # fmt: skip
-    """A copy of `state` whose expert parameters' per-expert tensors (not the scalar step) went through `change`."""
+    """A full optimiser state cut to this rank's experts, for loading into the optimiser."""
     per_param = dict(state["state"])
-    for index in _expert_indices(optimizer, model):
-        if index in per_param:
-            per_param[index] = {
-                key: change(value) if torch.is_tensor(value) and value.dim() > 0 else value
-                for key, value in per_param[index].items()
+    for key in _expert_keys(state, optimizer, model):
+        if key in per_param:
+            per_param[key] = {
+                k: local_slice(v, xp.replica).clone() if torch.is_tensor(v) and v.dim() > 0 else v
+                for k, v in per_param[key].items()
             }
     return {**state, "state": per_param}
 
 
-def _expert_indices(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[int]:
-    """The optimiser state's keys (positions over all param groups) of the expert parameters."""
-    experts = {id(p) for p in _expert_parameters(model)}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return [i for i, p in enumerate(params) if id(p) in experts]
+def _named_expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    names = set(expert_names(model))
+    return [(name, p) for name, p in model.named_parameters() if name in names]
+
+
+def _expert_keys(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> list[int | str]:
+    """The state dict's keys of the expert parameters: names (FSDP2's state dicts) or positions over all groups."""
+    named = _named_expert_parameters(model)
+    if any(isinstance(key, str) for key in state.get("state", {})):
+        return [name for name, _ in named]
+    position = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    return [position[id(p)] for _, p in named]
 
 
 def _gather(local_L: torch.Tensor, xp: ExpertParallel) -> torch.Tensor:

@@ -208,8 +208,6 @@ def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt:
 def _expert_layout(recipe: Recipe, accelerator: Accelerator) -> ExpertParallel | None:
     """The run's expert-parallel layout (None without it); every rank creates the process groups."""
     n = recipe.train.expert_parallel
-    if n > 1 and recipe.train.fsdp:
-        raise VmoeError("train.expert_parallel > 1 with train.fsdp=true is not supported yet; set one of them")
     num_experts = None if recipe.model.moe is None else recipe.model.moe.num_experts
     return expert_parallel(n, num_experts, accelerator.num_processes, accelerator.process_index)
 
