@@ -122,3 +122,20 @@ def test_fsdp_with_expert_parallelism_matches_ddp_and_resumes_exactly(digits, tm
     resumed = pretrain("resumed", "--set", "train.fsdp=true", "--resume", str(fsdp_dir / "step_00000003"))
     again = load_file(resumed / "step_00000006/model.safetensors")
     assert all(torch.equal(fsdp[k], again[k]) for k in fsdp)
+
+
+def test_two_nodes_over_loopback_form_one_expert_parallel_job(digits, tmp_path):
+    """The multi-node launch of the README (--nnodes 2, one --node_rank each, a shared master address), with the
+    two 'nodes' on this machine: one job of 2 processes whose experts are split between the nodes."""
+    args = ["pretrain", str(RECIPE), "--out", str(tmp_path / "run"), "--set", "train.expert_parallel=2"]
+    args += sum((["--set", s] for s in settings(digits, 2)), [])
+    node = [str(VENV_BIN / "torchrun"), "--nnodes", "2", "--master_addr", "127.0.0.1", "--master_port", "29533"]
+    nodes = [
+        subprocess.Popen([*node, "--node_rank", str(rank), "--nproc_per_node", "1", "-m", "vmoe_cli.cli", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [process.communicate(timeout=240) for process in nodes]
+    assert all(process.returncode == 0 for process in nodes), outputs[0][1][-3000:]
+    assert "2 x cpu, DDP, DP 1 x EP 2" in outputs[0][1]
+    assert [r["eval_total"] for r in metrics(tmp_path / "run") if "eval_top1" in r] == [180]
