@@ -24,6 +24,7 @@ from vmoe_cli import __version__
 from vmoe_cli.allocator import keep_freed_memory
 from vmoe_cli.config import load_recipe
 from vmoe_cli.errors import VmoeError
+from vmoe_cli.outputs import run_lock, writable_dir, writable_file
 
 SET_HELP = "Override a recipe value, e.g. --set model.moe.k=1 (the value is YAML; repeatable)."
 CACHE_DIR = click.option(
@@ -285,6 +286,8 @@ def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, 
     from vmoe_cli.eval.fewshot import load_backbone, write_results
     from vmoe_cli.eval.probe import run_fewshot
 
+    if out is not None:
+        writable_file(out, "--out")
     shot_list = _int_list(shots, "--shots")
     fixed_l2 = None if l2 == "grid" else _positive_float(l2, "--l2")
     backbone = load_backbone(checkpoint, k, capacity_factor, bpr, pixels_size=pixels_size)
@@ -334,6 +337,7 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
     """
     from vmoe_cli.quickstart import run_quickstart
 
+    writable_dir(out_dir, "--out")
     start = time.perf_counter()
     done = run_quickstart(recipes, shards, out_dir, cache_dir, overrides, say=click.echo)
     for results in done["fewshot"].values():
@@ -393,10 +397,11 @@ def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str,
     options = SweepOptions(split, batch_size, throughput_batch, repeats, fewshot_shots=fewshot_shots, device=device)
     out_dir = out_dir or Path("runs") / f"sweep-{Path(checkpoint).resolve().name}"
     start = time.perf_counter()
-    with _progress_bar() as show:
-        results = sweep(checkpoint, data, points, out_dir, options, baseline, cache_dir, progress=show)
-    _console().print(sweep_table(results))
-    plot = plot_sweep(results, out_dir / "sweep.png")
+    with run_lock(out_dir):  # the plot too: one sweep's figure beside its own table
+        with _progress_bar() as show:
+            results = sweep(checkpoint, data, points, out_dir, options, baseline, cache_dir, progress=show)
+        _console().print(sweep_table(results))
+        plot = plot_sweep(results, out_dir / "sweep.png")
     click.echo(f"{len(points)} settings in {time.perf_counter() - start:.1f} s; wrote {out_dir}/sweep.csv, "
                f"sweep.json and {plot}")  # fmt: skip
 
@@ -447,6 +452,7 @@ def superclasses(data: str, checkpoint: str, experts: int, out_file: Path, split
     """
     from vmoe_cli.eval.superclasses import find_superclasses, write_superclasses
 
+    writable_file(out_file, "--out")
     with _progress_bar() as show:
         result = find_superclasses(checkpoint, data, experts, split, cache_dir, progress=show)
     write_superclasses(result, out_file)
@@ -487,6 +493,7 @@ def convert_jax_command(
     from vmoe_cli.convert.jax_to_vmoe import convert_jax
     from vmoe_cli.eval.flops import model_card
 
+    writable_dir(out_dir, "--out")
     result = convert_jax(prefix, out_dir, preset, overrides, check)
     card = {"official index version": result.version or "unversioned (before 2022-06-22)",
             "official arrays": result.arrays, **model_card(result.recipe.model)}  # fmt: skip
@@ -571,6 +578,7 @@ def _run_training(run: Callable[[], dict], out_dir: Path) -> None:
     """Run a training function; one line on Ctrl-C, the final evaluation on rank 0, the process group closed."""
     import torch.distributed as dist
 
+    writable_dir(out_dir, "--out")
     start = time.perf_counter()
     try:
         result = run()

@@ -30,6 +30,7 @@ from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_loader, ope
 from vmoe_cli.eval.probe import model_backbone, run_fewshot
 from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.vit import VisionTransformer
+from vmoe_cli.outputs import run_lock
 
 STATE = "sweep-state.json"
 SAVE_EVERY_S = 10.0  # seconds between saves of the sweep state
@@ -91,14 +92,28 @@ def sweep(
     cache_dir: str | Path = "~/.cache/vmoe",
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep; write sweep.json and sweep.csv into `out_dir` and return the results."""
-    options = options or SweepOptions()
-    cache_dir = Path(cache_dir).expanduser()
+    """Run (or resume) the sweep; write sweep.json and sweep.csv into `out_dir` and return the results.
+
+    `out_dir` is locked for the whole sweep: a second sweep into it stops with one line, whatever its process.
+    """
+    with run_lock(out_dir) as out:
+        options = options or SweepOptions()
+        return _sweep(checkpoint, data, points, out, options, baseline, Path(cache_dir).expanduser(), progress)
+
+
+def _sweep(
+    checkpoint: str | Path,
+    data: str,
+    points: Sequence[GridPoint],
+    out: Path,
+    options: SweepOptions,
+    baseline: str | Path | None,
+    cache_dir: Path,
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
     opened, points = _open_model(checkpoint, points, options.device)
     trained = asdict(opened.model.cfg.moe)  # before any grid point's routing replaces it
     source = open_data(data, cache_dir, [options.split], "pass --split")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out / STATE, _identity(opened, source, points, options, baseline))
     save = _Saver(out / STATE, state)
 

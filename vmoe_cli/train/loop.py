@@ -10,6 +10,7 @@ resumed from a checkpoint takes exactly the steps an uninterrupted run takes. Wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -30,6 +31,7 @@ from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
+from vmoe_cli.outputs import run_lock
 from vmoe_cli.train.distributed import forward_passes, full_states, make_accelerator
 from vmoe_cli.train.expert_parallel import (
     ExpertParallel,
@@ -50,7 +52,16 @@ def pretrain(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> 
 
 
 def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransformer | None = None) -> dict[str, Any]:
-    """The loop. `model` (finetune) replaces the recipe's freshly initialised one; resume restores everything."""
+    """The loop. `model` (finetune) replaces the recipe's freshly initialised one; resume restores everything.
+
+    The main process (global rank 0, the only one writing `run_dir`) holds `run_dir`'s lock throughout.
+    """
+    main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch; the Accelerator comes later
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        return _train(recipe, run_dir, resume, model)
+
+
+def _train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransformer | None) -> dict[str, Any]:
     ckpt = _resume_from(recipe, run_dir, resume)
     run = _setup(recipe, run_dir, model, ckpt)
     state = TrainState.load(ckpt) if ckpt is not None else TrainState()
