@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from click.testing import CliRunner
 from PIL import Image
 
+from vmoe_cli.cli import main
 from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, mixup
 from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import _decoded_shard, build_loader, decode_image
@@ -294,3 +296,51 @@ def test_mixup_mixes_images_and_targets_alike():
     assert torch.allclose(mixed.flatten(), lam * images.flatten() + (1 - lam) * images.flip(0).flatten())
     again, _ = mixup(images, targets, 0.2, torch.Generator().manual_seed(0))
     assert torch.equal(mixed, again)
+
+
+def test_manifest_shard_files_must_lie_inside_the_shard_folder(tmp_path):
+    """Absolute paths, `..` and symlinks leading out are refused by the manifest's reader, so by every command."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shards(shards, {"train": [2, 2]})
+    manifest = json.loads((shards / "manifest.json").read_text())
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes((shards / "train-000001.tar").read_bytes())
+    (shards / "escape.tar").symlink_to(outside)
+    (shards / "alias.tar").symlink_to("train-000001.tar")
+
+    def with_file(file: object) -> dict:
+        manifest["splits"]["train"]["shards"][1]["file"] = file
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+        return read_manifest(shards)
+
+    for file in (str(outside), "../outside.tar", "escape.tar", "sub/../train-000001.tar"):
+        with pytest.raises(VmoeError) as error:
+            with_file(file)
+        assert str(error.value) == (
+            f"{shards / 'manifest.json'}: split 'train': shard file {file!r} is outside the shard folder (an absolute "
+            "path, '..' or a symlink leading out); shard files must lie in the folder"
+        )
+        result = CliRunner().invoke(main, ["shard-info", str(shards)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and repr(file) in result.stderr
+    with pytest.raises(VmoeError, match="shard entry {'file': 3, .*needs a file name and whole-number count and bytes"):
+        with_file(3)
+    with_file("alias.tar")  # a symlink that stays inside is fine
+    loader = build_loader(shards, "train", DataConfig(), batch_size=4, image_size=SIZE, channels=1, train=False)
+    assert labels_of(loader) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_shard_whose_size_differs_from_the_manifest_is_refused_when_opened(tmp_path, cache):
+    """Trailing bytes keep a tar readable with the right count: only the size check notices the changed file."""
+    write_shards(tmp_path, {"test": [2, 2]})
+    shard = tmp_path / "test-000001.tar"
+    size = shard.stat().st_size
+    with shard.open("ab") as f:
+        f.write(bytes(512))
+    options = {"batch_size": 1, "image_size": SIZE, "channels": 1, "train": False}
+    with pytest.raises(VmoeError) as error:
+        list(build_loader(tmp_path, "test", DataConfig(cache=cache), **options))  # a cache reads every shard at once
+    assert str(error.value) == (
+        f"{shard}: {size + 512} bytes, manifest.json says {size}; the shard changed: re-run `vmoe shard`"
+    )

@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from PIL import Image
 
 from vmoe_cli.cli import main
 from vmoe_cli.data.manifest import shard_info
-from vmoe_cli.data.shard import ShardOptions, write_shards
+from vmoe_cli.data.shard import RERUN, ShardOptions, write_shards
 from vmoe_cli.data.sources import FASHION_MNIST_CLASSES, open_source
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -160,6 +161,45 @@ def test_kill_during_sharding_then_rerun_gives_the_uninterrupted_manifest(tmp_pa
     assert not list(killed.glob("*.tmp")) and not (killed / ".vmoe-shard").exists()
     keys = [s["__key__"] for split in ("train", "minival") for s in _read_back(killed, split)]
     assert len(keys) == len(set(keys)) == 1797
+
+
+FULL_DISK_RUN = """
+import resource, signal, sys
+from vmoe_cli.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+main(["shard", "digits", "--out", sys.argv[1], "--shard-size", "200", "--workers", sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_write_leaves_no_temp_file_and_a_rerun_finishes(tmp_path: Path, workers: int):
+    """A real write failure (the kernel's file-size limit: every ~600 kB shard fails past 200 kB) mid-shard."""
+    out = tmp_path / "out"
+    run = [sys.executable, "-c", FULL_DISK_RUN, str(out), str(workers)]
+    failed = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.tar"))
+    shard = rf"{re.escape(str(out))}/train-00000\d\.tar"
+    assert re.fullmatch(rf"error: {shard}: cannot write \(File too large\); {re.escape(RERUN)}\n", failed.stderr)
+    rerun = CliRunner().invoke(main, ["shard", "digits", "--out", str(out), "--shard-size", "200", "--workers", "2"])
+    assert rerun.exit_code == 0 and (out / "manifest.json").is_file() and not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_of_a_pool_removes_the_temp_files_of_the_killed_workers(tmp_path: Path):
+    """Stopping the pool kills its workers mid-shard (no cleanup of their own): the parent removes their temps."""
+    Image.new("L", (3000, 3000), 90).save(tmp_path / "big.png")  # ~40 ms to decode: shards of 50 take seconds
+    (tmp_path / "list.csv").write_text("path,label\n" + "big.png,a\n" * 200)
+    out = tmp_path / "out"
+    args = ["shard", str(tmp_path / "list.csv"), "--out", str(out), "--shard-size", "50", "--workers", "2"]
+    process = subprocess.Popen([sys.executable, "-c", "from vmoe_cli.cli import main; main()", *args])
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.tar.*.tmp"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(out.glob("*.tar.*.tmp"))) == 2 and not list(out.glob("*.tar")), "both workers mid-shard"
+    process.send_signal(signal.SIGINT)  # the parent only, as a terminal's Ctrl-C reaches it (workers ignore it)
+    assert process.wait(timeout=60) == 130
+    assert not list(out.glob("*.tmp"))
 
 
 def test_shard_bytes_bounds_each_shard(tmp_path: Path):

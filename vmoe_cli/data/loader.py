@@ -24,6 +24,9 @@ the minimum over ranks (no rank waits forever on a collective), and `start_batch
 skipping samples before decoding. Augmentation is seeded per sample position, so a resumed epoch yields
 exactly the batches an uninterrupted one would have.
 
+Each shard's size is checked against the manifest when it is opened, so a changed shard is a one-line error,
+never silently other samples (its sha256 is `vmoe shard-info --verify`'s).
+
 Never pass a Loader through `accelerator.prepare()`: it is already split per rank, and Accelerate would
 split the stream a second time and silently lose samples.
 """
@@ -39,7 +42,7 @@ import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -63,6 +66,8 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
 
 def _open(data: bytes, channels: int) -> Image.Image:
     img = Image.open(io.BytesIO(data))
+    if img.mode in ("I", "F") or img.mode.startswith("I;"):  # convert() would clip: an all-white image
+        raise ValueError(f"{img.mode} image, more than 8 bits: `vmoe shard` stores 8 bits")
     return img.convert("L" if channels == 1 else "RGB")
 
 
@@ -72,12 +77,20 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [C, H, W]
 
 
+class _Shard(NamedTuple):
+    """A shard of the split as the manifest lists it."""
+
+    file: str
+    count: int  # samples
+    size: int  # bytes of the file
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Everything a worker process needs; plain data so it pickles to workers."""
 
     shard_dir: Path
-    shards: list[tuple[str, int]]  # (file, sample count) of the split, manifest order
+    shards: list[_Shard]  # of the split, manifest order
     split: str
     batch_size: int
     image_size: int
@@ -155,7 +168,7 @@ def build_loader(
     splits = read_manifest(shard_dir).get("splits", {})
     if split not in splits:
         raise VmoeError(f"{shard_dir}: no split {split!r} (has: {', '.join(splits) or 'none'})")
-    shards = [(s["file"], int(s["count"])) for s in splits[split]["shards"]]
+    shards = [_Shard(s["file"], s["count"], s["bytes"]) for s in splits[split]["shards"]]
     plan = _Plan(
         shard_dir=Path(shard_dir), shards=shards, split=split, batch_size=batch_size, image_size=image_size,
         channels=channels, train=train, rank=rank, world_size=world_size, processes=data.workers,
@@ -168,7 +181,7 @@ def build_loader(
         raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
     decoded = None
     if data.cache:  # filled on the first call for this split, reused by every later loader of this process
-        decoded = {f: _decoded_shard(str(shard_dir), f, n, channels, _stamp(Path(shard_dir, f))) for f, n in shards}
+        decoded = {s.file: _decoded_shard(str(shard_dir), s, channels, _stamp(Path(shard_dir, s.file))) for s in shards}
     plan = replace(
         plan, cache=decoded, offset=schedule[start_batch] if start_batch < steps else 0,
         first=[schedule[:start_batch].count(w) for w in range(plan.workers)],
@@ -204,7 +217,7 @@ def _epoch_schedule(plan: _Plan, epoch_images: int | None) -> list[int]:
     shards, slots, batch, world = plan.shards, plan.workers, plan.batch_size, plan.world_size
     where = f"{plan.shard_dir}: split {plan.split!r}"
     if plan.resampled:
-        steps = (sum(c for _, c in shards) if epoch_images is None else epoch_images) // (batch * world)
+        steps = (sum(s.count for s in shards) if epoch_images is None else epoch_images) // (batch * world)
         per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
     elif plan.train:
         if len(shards) < world * slots:
@@ -214,12 +227,12 @@ def _epoch_schedule(plan: _Plan, epoch_images: int | None) -> list[int]:
             )
         order = _shard_order(len(shards), plan.seed, plan.epoch)
         full = [
-            [sum(shards[i][1] for i in _train_shards(order, r, world, w, slots)) // batch for w in range(slots)]
+            [sum(shards[i].count for i in _train_shards(order, r, world, w, slots)) // batch for w in range(slots)]
             for r in range(world)
         ]
         per_worker, steps = full[plan.rank], min(sum(f) for f in full)
     else:
-        start, end = _eval_range(sum(c for _, c in shards), plan.rank, world)
+        start, end = _eval_range(sum(s.count for s in shards), plan.rank, world)
         steps = math.ceil((end - start) / batch)
         per_worker = [steps // slots + (w < steps % slots) for w in range(slots)]
     if plan.train and steps == 0:
@@ -304,7 +317,7 @@ class _Stream(IterableDataset):
         """Undecoded samples of this worker, in epoch order."""
         p = self.plan
         if not p.train:
-            start, end = _eval_range(sum(c for _, c in p.shards), p.rank, p.world_size)
+            start, end = _eval_range(sum(s.count for s in p.shards), p.rank, p.world_size)
             for i, sample in enumerate(self._read_range(start, end)):
                 if (i // p.batch_size) % p.workers == worker:  # this worker's batches; the rest stay undecoded
                     yield sample
@@ -316,23 +329,23 @@ class _Stream(IterableDataset):
             files = iter(
                 _train_shards(_shard_order(len(p.shards), p.seed, p.epoch), p.rank, p.world_size, worker, p.workers)
             )
-        samples = (s for i in files for s in self._read(*p.shards[i]))
+        samples = (s for i in files for s in self._read(p.shards[i]))
         yield from _shuffle(samples, SHUFFLE_BUFFER, rng)
 
-    def _read(self, file: str, count: int) -> Iterable[dict[str, Any]]:
+    def _read(self, shard: _Shard) -> Iterable[dict[str, Any]]:
         """The samples of one shard: from the cache when there is one, else from its tar file."""
         p = self.plan
-        return p.cache[file] if p.cache is not None else _read_shard(p.shard_dir, file, count)
+        return p.cache[shard.file] if p.cache is not None else _read_shard(p.shard_dir, shard)
 
     def _read_range(self, start: int, end: int) -> Iterator[dict[str, Any]]:
         """Samples [start, end) of the split in manifest order, opening only the shards that hold them."""
         first = 0
-        for file, count in self.plan.shards:
-            if first < end and start < first + count:
-                for n, sample in enumerate(self._read(file, count), first):
+        for shard in self.plan.shards:
+            if first < end and start < first + shard.count:
+                for n, sample in enumerate(self._read(shard), first):
                     if start <= n < end:
                         yield sample
-            first += count
+            first += shard.count
 
 
 def _shuffle(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -366,22 +379,22 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 @functools.cache
-def _decoded_shard(
-    shard_dir: str, file: str, count: int, channels: int, stamp: tuple[int, int]
-) -> tuple[dict[str, Any], ...]:
+def _decoded_shard(shard_dir: str, shard: _Shard, channels: int, stamp: tuple[int, int]) -> tuple[dict[str, Any], ...]:
     """Every sample of one shard, its image decoded to uint8 pixels [H, W] or [H, W, 3]: the `cache` memo.
 
     `stamp` (the file's size and mtime) is only part of the memo's key.
     """
-    samples = _read_shard(Path(shard_dir), file, count)
+    samples = _read_shard(Path(shard_dir), shard)
     return tuple({**s, "image": np.asarray(_decode(s, channels), dtype=np.uint8)} for s in samples)
 
 
-def _read_shard(shard_dir: Path, file: str, count: int) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as `{key, shard, image: bytes, label: int}`; checks the count against the manifest."""
-    path = shard_dir / file
-    if not path.is_file():
-        raise VmoeError(f"{path}: shard listed in {MANIFEST} is missing; re-run `vmoe shard`")
+def _read_shard(shard_dir: Path, shard: _Shard) -> Iterator[dict[str, Any]]:
+    """Samples of one shard as `{key, shard, image: bytes, label: int}`; checks its size (when it is opened) and
+    its count against the manifest."""
+    path = shard_dir / shard.file
+    size, _ = _stamp(path)
+    if size != shard.size:
+        raise VmoeError(f"{path}: {size} bytes, {MANIFEST} says {shard.size}; the shard changed: re-run `vmoe shard`")
     n = 0
     try:
         for sample in wds.tariterators.tarfile_samples([{"url": str(path)}], select_files=_wanted):
@@ -394,8 +407,8 @@ def _read_shard(shard_dir: Path, file: str, count: int) -> Iterator[dict[str, An
             }
     except (OSError, EOFError, ValueError, tarfile.TarError) as e:
         raise VmoeError(f"{path}: unreadable shard ({e}); re-run `vmoe shard`") from None
-    if n != count:
-        raise VmoeError(f"{path}: has {n} samples, {MANIFEST} says {count}; re-run `vmoe shard`")
+    if n != shard.count:
+        raise VmoeError(f"{path}: has {n} samples, {MANIFEST} says {shard.count}; re-run `vmoe shard`")
 
 
 def _wanted(fname: str) -> bool:

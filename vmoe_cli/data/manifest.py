@@ -19,7 +19,8 @@ STATE_DIR = ".vmoe-shard"  # job.json and one record per finished shard; removed
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a vmoe shard directory; VmoeError naming the directory when it is not a finished one."""
+    """The manifest of a vmoe shard directory; VmoeError naming the directory when it is not a finished one, and
+    the manifest and the entry when a shard entry lacks its file, count or bytes, or names a file outside it."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         if (Path(shard_dir) / STATE_DIR).is_dir():
@@ -33,7 +34,46 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
         raise VmoeError(f"{path}: unreadable manifest ({e}); re-run `vmoe shard`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise VmoeError(f"{path}: not a {FORMAT} manifest; re-run `vmoe shard`")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+        raise VmoeError(f"{path}: 'splits' is not a mapping of split names to splits; re-run `vmoe shard`")
+    folder = Path(shard_dir).resolve()
+    for split, info in splits.items():
+        shards = info.get("shards")
+        if not isinstance(shards, list):
+            raise VmoeError(f"{path}: split {split!r} has no list of 'shards'; re-run `vmoe shard`")
+        for shard in shards:
+            _check_entry(path, split, shard, folder)
     return manifest
+
+
+def _check_entry(path: Path, split: str, shard: Any, folder: Path) -> None:
+    """A shard entry gives a file name, a sample count and a size, and its file lies inside `folder` once
+    resolved: no absolute path, no `..`, no symlink leading out."""
+    if not _well_formed(shard):
+        raise VmoeError(
+            f"{path}: split {split!r}: shard entry {shard!r} needs a file name and whole-number count and bytes; "
+            "re-run `vmoe shard`"
+        )
+    file = Path(shard["file"])
+    try:
+        inside = not file.is_absolute() and ".." not in file.parts and (folder / file).resolve().is_relative_to(folder)
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise VmoeError(
+            f"{path}: split {split!r}: shard file {shard['file']!r} is outside the shard folder (an absolute path, "
+            "'..' or a symlink leading out); shard files must lie in the folder"
+        )
+
+
+def _well_formed(shard: Any) -> bool:
+    return (
+        isinstance(shard, dict)
+        and isinstance(shard.get("file"), str)
+        and shard["file"] != ""
+        and all(type(shard.get(key)) is int and shard[key] >= 0 for key in ("count", "bytes"))
+    )
 
 
 def shard_info(out_dir: str | Path, verify: bool = False, ranks: int = 1, workers: int = 1) -> dict[str, Any]:

@@ -11,8 +11,10 @@ Layout of the output folder (the contract with the loader):
 The plan (which samples go to which shard, under which key) is a pure function of the source listing
 and `ShardOptions`, so a rerun after a crash recomputes it, keeps the shards already recorded as
 complete, and writes only the rest. Each shard is one task: read, validate and encode its own samples,
-write `{file}.{pid}.tmp`, rename it, then record it in `.vmoe-shard/done/`. A bad image leaves its
-shard one sample short; it never moves another sample to a different shard or key.
+write `{file}.{pid}.tmp`, rename it, then record it in `.vmoe-shard/done/`; a task that fails (a full
+disk) removes its temp file, and a job stopped by an error or Ctrl-C removes those of its other tasks. A
+bad image leaves its shard one sample short; it never moves another sample to a different shard or key.
+Images are stored as 8-bit grey or RGB: 16-bit, float, alpha, CMYK and the rest as `pixels.py` says.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.data.manifest import FORMAT, MANIFEST, STATE_DIR, file_sha256, read_manifest
+from vmoe_cli.data.pixels import UnsupportedImage, is_plain, to_8bit
 from vmoe_cli.data.sources import ArrayItem, Item, Source, open_source
 from vmoe_cli.errors import VmoeError
 
@@ -47,6 +50,7 @@ ENCODINGS = ("keep", "png", "jpg")
 SPLITS = ("train", "minival", "test")  # in manifest order
 EVAL_TEST_FRACTION = 0.2  # test hold-out when an evaluation command shards a source that has no test split
 TICK_EVERY = 64  # samples between progress reports from a shard task
+RERUN = "free space or fix the folder, then rerun the same command (finished shards are kept)"
 
 ProgressFn = Callable[[int, int], None]  # (inputs processed, inputs planned)
 
@@ -55,7 +59,7 @@ ProgressFn = Callable[[int, int], None]  # (inputs processed, inputs planned)
 class ShardOptions:
     """Every option that decides the shards' content; recorded in the manifest."""
 
-    encoding: str = "keep"  # "keep" JPEG/PNG/WebP bytes as they are (others become PNG), or re-encode: "png", "jpg"
+    encoding: str = "keep"  # "keep" 8-bit JPEG/PNG/WebP bytes (others become PNG), or re-encode: "png", "jpg"
     quality: int = 95  # JPEG quality when encoding to jpg (also when "keep" must re-encode a resized JPEG)
     resize: int | None = None  # shrink so the shorter side is this many pixels; smaller images are left alone
     shard_size: int = 5000  # most samples per shard
@@ -194,7 +198,7 @@ def write_shards(
             out / "sizes.json",
             {shard["file"]: shard["count"] for s in manifest["splits"].values() for shard in s["shards"]},
         )
-        write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
+        _write_text(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
     _check_skipped(len(skipped), total, max_skipped, out)
     if out is not None:
         _write_json(out / MANIFEST, manifest)
@@ -223,13 +227,22 @@ def eval_shards(spec: str, cache_dir: str | Path, workers: int = 1) -> Path:
 
 
 def encode_image(item: Item, options: ShardOptions) -> tuple[bytes, str]:
-    """The bytes and extension stored for `item`; raises BadImage with the reason when it is unusable."""
+    """The bytes and extension stored for `item`; raises BadImage with the reason when it is unusable.
+
+    Every stored image decodes, by a plain Pillow `convert`, to the 8-bit pixels of `pixels.to_8bit` (what a
+    viewer shows), whoever reads it: `keep` keeps the input's bytes only when they already do (`is_plain`:
+    8 bits, no alpha, no transparent colour); other images are converted (under `keep`, stored as PNG).
+    """
     raw, image = _load(item)
     shrink = options.resize is not None and min(image.size) > options.resize
-    if options.encoding == "keep" and raw is not None and not shrink and image.format in KEPT_FORMATS:
+    kept = image.format in KEPT_FORMATS and is_plain(image)
+    if options.encoding == "keep" and raw is not None and not shrink and kept:
         return raw, KEPT_FORMATS[image.format]
     ext = options.encoding if options.encoding != "keep" else ("jpg" if image.format == "JPEG" else "png")
-    image = _mode_for(image, ext)
+    try:
+        image = to_8bit(image)
+    except UnsupportedImage as e:
+        raise BadImage(str(e)) from None
     if shrink:
         scale = options.resize / min(image.size)
         size = tuple(options.resize if s == min(image.size) else max(1, round(s * scale)) for s in image.size)
@@ -333,45 +346,61 @@ def _write_shard(
     out: Path | None,
     tick: Callable[[int], None],
 ) -> dict[str, Any]:
-    """Write one shard (or, with `out` None, only validate its inputs) and return its record."""
-    count, class_counts, skipped, pending = 0, Counter(), [], 0
+    """Write one shard (or, with `out` None, only validate its inputs) and return its record.
+
+    The tar goes to `{file}.{pid}.tmp`, renamed once complete; whatever stops it (a full disk, Ctrl-C) removes
+    the temp file, so a failed job leaves only finished shards behind.
+    """
     tmp = None if out is None else out / f"{task.file}.{os.getpid()}.tmp"
     try:
-        with open(tmp or os.devnull, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for n, item in enumerate(task.items, task.first):
-                pending += 1
-                if pending == TICK_EVERY:
-                    tick(pending)
-                    pending = 0
-                try:
-                    data, ext = encode_image(item, options)
-                except BadImage as e:
-                    skipped.append({"id": item.id, "reason": str(e)})
-                    continue
-                key = f"{task.split}_{n:08d}"
-                meta = {"id": item.id, "label": item.label, "label_name": classes[item.label]}
-                for suffix, payload in (
-                    (ext, data),
-                    ("cls", str(item.label).encode()),
-                    ("json", json.dumps(meta).encode()),
-                ):
-                    _add_member(tar, f"{key}.{suffix}", payload)
-                count += 1
-                class_counts[str(item.label)] += 1
-            tar.close()
-            f.flush()
+        with open(tmp or os.devnull, "wb") as f:
+            record = _write_tar(task, options, classes, f, tick)
             if tmp is not None:
                 os.fsync(f.fileno())
+        if tmp is not None:
+            record["bytes"], record["sha256"], record["digest"] = tmp.stat().st_size, file_sha256(tmp), task.digest(job)
+            os.replace(tmp, out / task.file)
+            _write_json(out / STATE_DIR / "done" / f"{task.file}.json", record)
     except OSError as e:
-        raise VmoeError(f"{tmp}: cannot write ({e.strerror})") from None
+        where = task.file if out is None else out / task.file
+        raise VmoeError(f"{where}: cannot write ({e.strerror or e}); {RERUN}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # already renamed unless something failed
+    return record
+
+
+def _write_tar(
+    task: ShardTask, options: ShardOptions, classes: list[str], f: Any, tick: Callable[[int], None]
+) -> dict[str, Any]:
+    """Encode `task`'s samples as a tar into the open file `f`; the shard's record without bytes and sha256."""
+    count, class_counts, skipped, pending = 0, Counter(), [], 0
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for n, item in enumerate(task.items, task.first):
+            pending += 1
+            if pending == TICK_EVERY:
+                tick(pending)
+                pending = 0
+            try:
+                data, ext = encode_image(item, options)
+            except BadImage as e:
+                skipped.append({"id": item.id, "reason": str(e)})
+                continue
+            key = f"{task.split}_{n:08d}"
+            meta = {"id": item.id, "label": item.label, "label_name": classes[item.label]}
+            for suffix, payload in (
+                (ext, data),
+                ("cls", str(item.label).encode()),
+                ("json", json.dumps(meta).encode()),
+            ):
+                _add_member(tar, f"{key}.{suffix}", payload)
+            count += 1
+            class_counts[str(item.label)] += 1
+    f.flush()
     tick(pending)
     record = {"file": task.file, "count": count, "bytes": None, "sha256": None, "class_counts": class_counts}
-    record["skipped"] = skipped
-    if tmp is not None:
-        record["bytes"], record["sha256"], record["digest"] = tmp.stat().st_size, file_sha256(tmp), task.digest(job)
-        os.replace(tmp, out / task.file)
-        _write_json(out / STATE_DIR / "done" / f"{task.file}.json", record)
-    return record
+    return {**record, "skipped": skipped}
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -421,9 +450,22 @@ def _run_pool(
                 pending = [p for p in pending if not p.ready()]
             while not progress_queue.empty():
                 report(progress_queue.get())
+    except BaseException:
+        _remove_temps(args[3], tasks)  # args[3] is `out`; leaving `with` terminated and joined every worker
+        raise
     finally:
         _forked = None
     return records
+
+
+def _remove_temps(out: Path | None, tasks: list[ShardTask]) -> None:
+    """Delete the temp files of `tasks` (any writer's pid) that a stopped pool's killed workers left."""
+    if out is None:
+        return
+    for task in tasks:
+        for tmp in out.glob(f"{task.file}.*.tmp"):
+            with contextlib.suppress(OSError):  # never hide the error that stopped the job
+                tmp.unlink(missing_ok=True)
 
 
 def _manifest(job: dict[str, Any], tasks: list[ShardTask], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -475,16 +517,6 @@ def _load(item: Item) -> tuple[bytes | None, Image.Image]:
     return raw, image
 
 
-def _mode_for(image: Image.Image, ext: str) -> Image.Image:
-    """`image` in a mode the target format stores: L or RGB for JPEG; L, LA, RGB or RGBA for PNG."""
-    if image.mode in (("L", "RGB") if ext == "jpg" else ("L", "LA", "RGB", "RGBA")):
-        return image
-    if image.mode == "1":
-        return image.convert("L")
-    alpha = ext == "png" and (image.mode in ("PA", "La") or "transparency" in image.info)
-    return image.convert("RGBA" if alpha else "RGB")
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -493,4 +525,12 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+    _write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """`write_text_atomic`, a failure (a full disk) being one line naming the file."""
+    try:
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise VmoeError(f"{path}: cannot write ({e.strerror or e}); {RERUN}") from None
