@@ -50,7 +50,10 @@ def naive_shard(source: Source, out: Path, shard_size: int) -> int:
             for n, item in enumerate(items):
                 sink.write({"__key__": f"{split}_{n:08d}", "png": _png(item), "cls": str(item.label)})
         counts = [min(shard_size, len(items) - start) for start in range(0, len(items), shard_size)]
-        shards = [{"file": f"{split}-{i:06d}.tar", "count": c} for i, c in enumerate(counts)]
+        files = [f"{split}-{i:06d}.tar" for i in range(len(counts))]
+        shards = [
+            {"file": f, "count": c, "bytes": (out / f).stat().st_size} for f, c in zip(files, counts, strict=True)
+        ]
         manifest["splits"][split] = {"count": len(items), "shards": shards}
     (out / MANIFEST).write_text(json.dumps(manifest))
     return sum(len(items) for items in source.splits.values())
