@@ -120,7 +120,26 @@ def test_floats_accept_ints_and_float_strings(tmp_path: Path):
     model = load_recipe(path).model
     assert model.layer_norm_eps == 1e-5
     assert model.moe.capacity_factor == 2.0 and isinstance(model.moe.capacity_factor, float)
-    assert "model.dropout must be a number, got 'lots'" in error_of(write(tmp_path, "model:\n  dropout: lots\n"))
+    assert "model.dropout must be a finite number, got 'lots'" in error_of(write(tmp_path, "model:\n  dropout: lots\n"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=nan", "train.lr must be a finite number, got 'nan'"),
+        ("train.lr=-.inf", "train.lr must be a finite number, got -inf"),
+        ("model.moe.capacity_factor=.inf", "model.moe.capacity_factor must be a finite number or null, got inf"),
+        ("train.betas=[0.9, .nan]", "train.betas[1] must be a finite number, got nan"),
+        ("train.epochs=1e999", "train.epochs must be a finite number or null, got '1e999'"),
+    ],
+)
+def test_nan_and_infinity_are_refused_naming_the_key(override: str, message: str):
+    assert error_of(DIGITS_VMOE, (override,)) == f"{DIGITS_VMOE}: {message}"
+
+
+def test_nan_in_a_recipe_file_is_refused_naming_the_key(tmp_path: Path):
+    path = write(tmp_path, f"base: {DIGITS_VMOE}\ndata:\n  std: .NaN\n")
+    assert error_of(path) == f"{path}: data.std must be a finite number or a list of finite numbers, got nan"
 
 
 def test_literal_names_the_allowed_values_and_suggests(tmp_path: Path):

@@ -124,6 +124,20 @@ def test_cli_converts_checks_and_the_result_runs_every_subcommand(tmp_path, digi
     assert load_model(find_resume(tmp_path / "ft", "latest")).pos_embed.shape == (1, 37, 64)
 
 
+def test_a_converted_checkpoint_is_not_resumable_and_says_to_finetune(converted, digits, tmp_path):
+    recipe = yaml.safe_load((converted / "config.yaml").read_text())  # the same model: the resume gets that far
+    recipe["data"].update(shards=str(digits), eval_split="minival")
+    recipe["train"] = {"batch_size": 16, "steps": 2, "optimizer": "sgd", "lr": 0.01}
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["pretrain", str(tmp_path / "same.yaml"), "--out", str(tmp_path / "run"), "--resume", str(converted)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+    assert result.stderr.strip() == (
+        f"error: {converted}: written by `vmoe convert-jax`, it has no training state to resume; train from its "
+        f"weights with `vmoe finetune RECIPE --from {converted}`"
+    )
+
+
 def _cli_error(*args: str) -> str:
     result = CliRunner().invoke(main, ["convert-jax", *args])
     assert result.exit_code == 2, result.output

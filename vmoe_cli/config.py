@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,14 +213,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if tp is float and not isinstance(value, bool):
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-6` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            number = float(value)  # PyYAML reads `1e-6` (no dot) as a string
+        except (ValueError, OverflowError):
+            number = math.nan
+        if math.isfinite(number):  # no setting means anything by NaN or infinity (.nan, .inf, --set x=nan)
+            return number
     if tp is str and isinstance(value, str):
         return value
     if tp not in (bool, int, float, str):
@@ -238,7 +238,7 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
     return words[tp]
 
 
