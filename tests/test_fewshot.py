@@ -187,3 +187,66 @@ def test_fewshot_cli_errors_are_one_line(tmp_path, monkeypatch, checkpoint, extr
     result = CliRunner().invoke(main, [*args, *extra])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and message in result.output
+
+
+@pytest.fixture(scope="module")
+def digits_eval(tmp_path_factory) -> str:
+    """The digits as evaluation shards (train and test), sharded once; each test gets its own feature cache."""
+    return str(eval_shards("digits", tmp_path_factory.mktemp("eval")))
+
+
+def damage(file: Path, how: str) -> None:
+    """Damage a feature cache entry the ways a disk, a kill or a person can."""
+    if how == "cut":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    elif how == "garbage":
+        file.write_bytes(b"not an npz file\n" * 10)
+    else:
+        with np.load(file) as z:
+            arrays = {name: z[name] for name in z.files}
+        if how == "missing array":
+            del arrays["test_y"]
+        elif how == "a label short":
+            arrays["train_y"] = arrays["train_y"][:-1]
+        else:  # "float64 features"
+            arrays["test_x"] = arrays["test_x"].astype(np.float64)
+        np.savez(file, **arrays)
+
+
+@pytest.mark.parametrize("how", ["cut", "garbage", "missing array", "a label short", "float64 features"])
+def test_a_damaged_cache_entry_is_removed_and_rebuilt_with_a_warning(digits_eval, tmp_path, capsys, how):
+    backbone = load_backbone("pixels", pixels_size=8)
+    first = dataset_features(backbone, digits_eval, tmp_path)
+    [file] = (tmp_path / "features").glob("*.npz")
+    damage(file, how)
+    capsys.readouterr()
+    rebuilt = dataset_features(backbone, digits_eval, tmp_path)
+    assert capsys.readouterr().err == f"warning: cache entry {file} unreadable: rebuilt\n"
+    assert not rebuilt.cached and np.array_equal(rebuilt.train_y, first.train_y)
+    assert np.array_equal(rebuilt.test_x, first.test_x) and rebuilt.test_x.dtype == np.float32
+    again = dataset_features(backbone, digits_eval, tmp_path)
+    assert again.cached and np.array_equal(again.test_x, first.test_x) and capsys.readouterr().err == ""
+
+
+def test_a_routed_models_features_are_cached_per_batch_size(tmp_path_factory, digits_eval, tmp_path):
+    """Routing groups of a whole batch with binding capacity: which tokens keep their slots depends on the
+    batch, so features at batch 64 and 256 differ and neither may stand in for the other."""
+    run = tmp_path_factory.mktemp("grouped")
+    overrides = ("model.moe.group_images=256", "model.moe.capacity_factor=0.5")
+    recipe = load_recipe(ROOT / "recipes" / "digits-vmoe.yaml", overrides)
+    torch.manual_seed(0)
+    model = VisionTransformer(recipe.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.normal_(std=1.0)  # varied gates, so the capacity binds on different tokens
+    save_checkpoint(run, 1, model.state_dict(), recipe, {}, keep_last=1)
+    small = dataset_features(load_backbone(str(run)), digits_eval, tmp_path, batch_size=64)
+    large = dataset_features(load_backbone(str(run)), digits_eval, tmp_path, batch_size=256)
+    assert not small.cached and not large.cached and len(list((tmp_path / "features").glob("*.npz"))) == 2
+    assert np.abs(small.test_x - large.test_x).max() > 1e-2
+    again = dataset_features(load_backbone(str(run)), digits_eval, tmp_path, batch_size=64)
+    assert again.cached and np.array_equal(again.test_x, small.test_x)
+    pixels = load_backbone("pixels", pixels_size=8)  # no routing: one entry serves every batch size
+    dataset_features(pixels, digits_eval, tmp_path, batch_size=64)
+    assert dataset_features(pixels, digits_eval, tmp_path, batch_size=256).cached

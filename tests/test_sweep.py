@@ -199,3 +199,27 @@ def test_fewshot_column_reuses_fewshot_with_each_settings_routing(vmoe_run, cach
         direct = run_fewshot(backbone, ["digits"], [5], 3, cache_dir=tmp_path / "own")
         assert row["fewshot_top1"] == direct["datasets"]["digits"]["summary"][5]["mean"]
     assert rows[0]["fewshot_top1"] != rows[1]["fewshot_top1"]  # the routing reaches the features
+
+
+@pytest.mark.parametrize(
+    ("damage", "warned"),
+    [
+        (lambda state: b"\xff\xfe not even text", True),
+        (lambda state: b"[1, 2]", True),
+        (lambda state: json.dumps({**state, "points": {"k=2 cf=1 vanilla": {"correct": "many"}}}).encode(), True),
+        (lambda state: json.dumps({**state, "batches_done": None}).encode(), True),
+        (lambda state: json.dumps({**state, "identity": {"another": "sweep"}}).encode(), False),
+    ],
+    ids=["not-text", "not-an-object", "damaged-points", "damaged-count", "another-sweep"],
+)
+def test_an_unreadable_state_is_replaced_with_a_warning(vmoe_run, cache, tmp_path, capsys, damage, warned):
+    points = [GridPoint(2, 1.0, False)]
+    first = sweep(vmoe_run, "digits", points, tmp_path, FAST, cache_dir=cache)
+    state_file = tmp_path / "sweep-state.json"
+    state_file.write_bytes(damage(json.loads(state_file.read_text())))
+    capsys.readouterr()
+    again = sweep(vmoe_run, "digits", points, tmp_path, FAST, cache_dir=cache)
+    warning = f"warning: sweep state {state_file} unreadable: started afresh\n"
+    assert capsys.readouterr().err == (warning if warned else "")
+    assert [r["top1"] for r in again["rows"]] == [r["top1"] for r in first["rows"]]
+    assert json.loads(state_file.read_text())["batches_done"] == 6  # rebuilt and saved whole

@@ -3,8 +3,9 @@ the features, their cache and the probe, shared by `vmoe fewshot` (eval/fewshot.
 
 Features are the pre-logits of the model in evaluation mode (no routing noise; K, capacity and BPR as
 given), or the raw pixels as a floor. They are extracted once per (backbone, data) and cached on disk
-under a key that hashes the checkpoint's weights, the routing settings, the shards' manifest and the
-preprocessing, so another call with other shots, seeds or L2 values reads them back.
+under a key that hashes the checkpoint's weights, the routing settings, the shards' manifest, the
+preprocessing and, for a routed model, the batch size, so another call with other shots, seeds or L2 values
+reads them back. An entry that cannot be read back is removed with a warning and extracted again.
 
 The probe, per dataset, seed and shot count:
   1. per class a seeded permutation of its training examples: the first `shots` are the few-shot set
@@ -24,8 +25,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import sys
 import time
 import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vmoe_cli.atomic import write_bytes_atomic
+from vmoe_cli.atomic import remove_stale_temps, write_bytes_atomic
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.opening import EvalData, Opened, Preprocess, ProgressFn, eval_batches, open_data
 from vmoe_cli.models.vit import VisionTransformer
 
 L2_GRID: tuple[float, ...] = tuple(2.0**p for p in range(-10, 20))  # big_vision's grid, 2^-10 .. 2^19
 BIAS = 100.0  # value of the appended constant column
-FEATURES_VERSION = 1  # bump when extraction changes, to invalidate every cache entry
+FEATURES_VERSION = 2  # bump when extraction or the cache key changes, to invalidate every cache entry
+CACHED_ARRAYS = ("train_x", "train_y", "test_x", "test_y")  # the arrays of a cache entry, in Features' order
 
 
 @dataclass
@@ -106,22 +111,65 @@ def dataset_features(
 ) -> Features:
     """Train and test features of DATA (shards or a source), from the cache when the same key was extracted."""
     source = open_data(data, cache_dir, ("train", "test"), "re-shard it with `vmoe shard ... --test 0.2`")
-    pp = backbone.preprocess
-    identity = [FEATURES_VERSION, backbone.key, source.manifest_sha256, pp.image_size, pp.channels, pp.mean, pp.std]
-    file = Path(cache_dir) / "features" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.npz"
+    folder = Path(cache_dir) / "features"
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    file = folder / f"{_cache_key(backbone, source, batch_size)}.npz"
     num_classes = len(source.manifest["classes"])
-    if file.is_file():
-        with np.load(file) as z:
-            return Features(z["train_x"], z["train_y"], z["test_x"], z["test_y"], num_classes, 0.0, True)
+    counts = {split: source.manifest["splits"][split]["count"] for split in ("train", "test")}
+    cached = _read_cached(file, counts, num_classes)
+    if cached is not None:
+        return Features(*cached, num_classes, 0.0, True)
     start = time.perf_counter()
     train_x, train_y = extract(backbone, source, "train", batch_size, device, progress)
     test_x, test_y = extract(backbone, source, "test", batch_size, device, progress)
     seconds = time.perf_counter() - start
-    file.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
     write_bytes_atomic(file, buffer.getvalue())
     return Features(train_x, train_y, test_x, test_y, num_classes, seconds, False)
+
+
+def _cache_key(backbone: Backbone, source: EvalData, batch_size: int) -> str:
+    """The cache key: a hash of everything that changes the features. A routed model's batch size is in it:
+    routing groups hold images of one batch, so a token's slot, kept or dropped, depends on its batch."""
+    pp = backbone.preprocess
+    routed = backbone.model is not None and backbone.model.cfg.moe is not None
+    identity = [
+        FEATURES_VERSION, backbone.key, source.manifest_sha256, pp.image_size, pp.channels, pp.mean, pp.std,
+        batch_size if routed else None,
+    ]  # fmt: skip
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+
+def _read_cached(file: Path, counts: dict[str, int], num_classes: int) -> tuple[np.ndarray, ...] | None:
+    """The arrays (train_x, train_y, test_x, test_y) of cache entry `file`, or None when there is none. An
+    entry that cannot be read or does not fit the data (cut short, damaged, edited) is removed with a warning,
+    so that it is rebuilt rather than failing every run."""
+    if not file.is_file():
+        return None
+    try:
+        with np.load(file) as z:
+            arrays = tuple(z[name] for name in CACHED_ARRAYS)
+        _check_cached(arrays, counts, num_classes)
+        return arrays
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error):
+        print(f"warning: cache entry {file} unreadable: rebuilt", file=sys.stderr)
+        file.unlink(missing_ok=True)
+        return None
+
+
+def _check_cached(arrays: tuple[np.ndarray, ...], counts: dict[str, int], num_classes: int) -> None:
+    """Raise ValueError unless the arrays are float32 `[N, F]` features and int64 labels in `[0, num_classes)`,
+    N being each split's sample count, with one F for both splits."""
+    train_x, train_y, test_x, test_y = arrays
+    for x, y, split in ((train_x, train_y, "train"), (test_x, test_y, "test")):
+        if x.dtype != np.float32 or y.dtype != np.int64 or x.ndim != 2 or x.shape[0] != counts[split]:
+            raise ValueError(f"{split} features are not float32 [{counts[split]}, F]")
+        if y.shape != (counts[split],) or (len(y) and not 0 <= y.min() <= y.max() < num_classes):
+            raise ValueError(f"{split} labels are not {counts[split]} classes below {num_classes}")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError("train and test features differ in width")
 
 
 def sample_indices(

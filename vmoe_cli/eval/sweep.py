@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vmoe_cli.atomic import write_text_atomic
+from vmoe_cli.atomic import remove_stale_temps, write_text_atomic
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.flops import flops_per_image
 from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_loader, open_checkpoint, open_data
@@ -34,6 +35,7 @@ from vmoe_cli.outputs import run_lock
 
 STATE = "sweep-state.json"
 SAVE_EVERY_S = 10.0  # seconds between saves of the sweep state
+POINT_FIELDS = {"correct": int, "total": int, "dropped_all": dict, "dropped_any": dict, "expert_load": dict}  # sums
 CSV_COLUMNS = (
     "k", "capacity_factor", "bpr", "k_above_trained", "top1", "dropped_all", "dropped_any", "gflops",
     "images_per_s", "latency_ms", "fewshot_top1",
@@ -297,19 +299,32 @@ def _set_routing(model: VisionTransformer, p: GridPoint) -> None:
 
 
 def _load_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The saved state of the same sweep, or a fresh one (another sweep's state is replaced)."""
+    """The saved state of the same sweep, or a fresh one: another sweep's state is replaced, and so, with a
+    warning, is a state that cannot be read back. Temp files of killed writers beside it are removed."""
+    remove_stale_temps(path.parent)
     if path.is_file():
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            state = {}
-        if state.get("identity") == identity:
+        except (OSError, ValueError):  # ValueError: not JSON, not UTF-8
+            state = None
+        same = isinstance(state, dict) and state.get("identity") == identity
+        if same and _state_fits(state, identity):
             return state
-    points = {
-        name: {"correct": 0, "total": 0, "dropped_all": {}, "dropped_any": {}, "expert_load": {}}
-        for name in identity["points"]
-    }
+        if same or not isinstance(state, dict):
+            print(f"warning: sweep state {path} unreadable: started afresh", file=sys.stderr)
+    points = {name: {field: kind() for field, kind in POINT_FIELDS.items()} for name in identity["points"]}
     return {"identity": identity, "batches_done": 0, "points": points}
+
+
+def _state_fits(state: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether a saved state has the fields the sweep reads, of the right types, for every grid point."""
+    points = state.get("points")
+    if not isinstance(state.get("batches_done"), int) or not isinstance(state.get("batches"), int | None):
+        return False
+    return isinstance(points, dict) and all(
+        isinstance(points.get(name), dict) and all(isinstance(points[name].get(f), t) for f, t in POINT_FIELDS.items())
+        for name in identity["points"]
+    )
 
 
 class _Saver:
