@@ -68,9 +68,8 @@ def save_checkpoint(
     final, tmp = root / name, root / f".tmp-{name}"
     _remove(tmp)  # left by a crash
     tmp.mkdir()
-    state = {k: v.detach().contiguous() for k, v in weights.items()}
-    save_file(state, tmp / WEIGHTS)
-    dump_recipe(recipe, tmp / CONFIG)
+    dump_recipe(recipe, tmp / CONFIG)  # first: its mode is what the umask allows, and the others copy it
+    _save_tensors({k: v.detach().contiguous() for k, v in weights.items()}, tmp / WEIGHTS, tmp / CONFIG)
     _write_train_state(tmp, train_state)
     _remove(final)  # a rerun of the same step
     os.replace(tmp, final)
@@ -186,8 +185,14 @@ def _write_train_state(directory: Path, state: dict[str, Any]) -> None:
     """`state` as train_state.json (plain values) + train_state.safetensors (its tensors, named by their path)."""
     tensors: dict[str, torch.Tensor] = {}
     record = {"format": STATE_FORMAT, "state": _encode(state, "", tensors)}
-    save_file(tensors, directory / TRAIN_TENSORS)
+    _save_tensors(tensors, directory / TRAIN_TENSORS, directory / CONFIG)
     (directory / TRAIN_STATE).write_text(json.dumps(record), encoding="utf-8")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], file: Path, like: Path) -> None:
+    """safetensors' file, readable as `like` is: `save_file` makes 0600 files whatever the umask."""
+    save_file(tensors, file)
+    os.chmod(file, like.stat().st_mode & 0o777)
 
 
 def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
