@@ -17,6 +17,7 @@ from vmoe_cli.models.routing import (
     TokenChoiceRouter,
     capacity,
     expert_softmax,
+    group_capacity,
     gshard_loss,
     importance_loss,
     load_loss,
@@ -174,7 +175,8 @@ def test_router_noise_only_in_training_and_losses():
     assert c.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
     router.cfg.gshard_weight = 0.01
     e = router(x)
-    assert e.metrics["gshard_loss"].item() == pytest.approx(gshard_loss(clean.softmax(-1)).item(), rel=1e-6)
+    # on the gates the choice was made on: noisy in training, as the official code
+    assert e.metrics["gshard_loss"].item() == pytest.approx(gshard_loss(e.logits_GSE.softmax(-1)).item(), rel=1e-6)
     expected = expected - 0.005 * c.metrics["load_loss"] + 0.005 * e.metrics["load_loss"]
     assert e.aux_loss.item() == pytest.approx((expected + 0.01 * e.metrics["gshard_loss"]).item(), rel=1e-6)
 
@@ -229,3 +231,26 @@ def test_every_router_kind_is_listed_and_an_unknown_one_is_an_error():
         make_router(8, MoEConfig(router="sinkhorn_expert_chioce"))  # no fallback to a similar kind
     with pytest.raises(VmoeError, match="did you mean 'expert_choice'"):
         recipe_from_dict({"model": {"moe": {"router": "expert_chioce"}}})
+
+
+def test_capacity_rounding_follows_the_official_rule_and_its_float_quirks():
+    assert capacity(26 * 2, 8, 1.0, multiple=1, rounding="ceil") == 7  # 6.5 up
+    assert capacity(26 * 2, 8, 1.0, multiple=1, rounding="round") == 6  # 6.5 to even, as Python's round
+    assert capacity(50, 5, 1.1, multiple=1) == 12  # 50 * 1.1 / 5 = 11.000000000000002: ceil gives 12
+    assert capacity(50, 5, 1.1, multiple=1, rounding="round") == 11
+    assert capacity(26 * 2, 8, 1.0, multiple=4, rounding="round") == 8  # then up to the multiple
+    with pytest.raises(VmoeError, match="capacity is 0"):
+        capacity(3, 8, 1.0, multiple=1, rounding="round")  # round(0.375) = 0
+    cfg = MoEConfig(num_experts=8, k=2, capacity_factor=1.0, capacity_multiple=1, capacity_rounding="round")
+    assert group_capacity(cfg, 26) == 6
+
+
+def test_gshard_loss_is_computed_on_the_noisy_gates_in_training():
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, k=2, capacity_factor=1.0, gshard_weight=1.0, noise_std=1.0)
+    router = TokenChoiceRouter(8, cfg).train()
+    x = torch.randn(2, 16, 8)
+    out = router(x)
+    noisy, clean = out.logits_GSE, x @ router.proj.weight.T  # noisy: the logits the choice was made on
+    torch.testing.assert_close(out.metrics["gshard_loss"], gshard_loss(noisy.softmax(-1)))
+    assert not torch.allclose(out.metrics["gshard_loss"], gshard_loss(clean.softmax(-1)))

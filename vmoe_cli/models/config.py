@@ -66,6 +66,9 @@ class MoEConfig:
     capacity_factor: float | None = 1.05  # cf: C = ceil(tokens_to_place * cf / E); exclusive with `capacity`
     capacity: int | None = None  # fixed C per expert per group, instead of cf
     capacity_multiple: int = 4  # C rounded up to a multiple of this (1 = no rounding)
+    # tokens_to_place * cf / E to a whole C before the multiple: up (the V-MoE paper), or to the nearest with
+    # Python's half-to-even `round` (the official `capacity_ceil_or_round: round`, used by Soft MoE's expert choice)
+    capacity_rounding: Literal["ceil", "round"] = "ceil"
     group_images: int = 8  # images per routing group (all their tokens, CLS included)
     group_size: int | None = None  # tokens per routing group instead (official `group_size`: 8 x tokens per
     #   image); groups may then straddle images. Batches whose tokens it does not divide get whole-image groups

@@ -40,12 +40,18 @@ def capacity(
     capacity_factor: float | None = None,
     fixed: int | None = None,
     multiple: int = 4,
+    rounding: str = "ceil",
 ) -> int:
-    """C = ceil(tokens_to_place * cf / E) rounded up to `multiple`, or the fixed C."""
+    """C = ceil (or round, half to even) of tokens_to_place * cf / E, then up to `multiple`; or the fixed C.
+
+    The product is computed in that order in floating point, as the official code does: 50 * 1.1 / 5 is
+    11.000000000000002, so ceil gives 12.
+    """
     if fixed is not None:
         c = fixed
     else:
-        c = math.ceil(tokens_to_place * capacity_factor / num_experts)
+        exact = tokens_to_place * capacity_factor / num_experts
+        c = math.ceil(exact) if rounding == "ceil" else round(exact)
         c += -c % multiple
     if c < 1:
         raise VmoeError(f"expert capacity is {c} (< 1): raise the capacity factor or set a fixed capacity")
@@ -55,7 +61,9 @@ def capacity(
 def group_capacity(cfg: MoEConfig, group_tokens: int) -> int:
     """C per expert for a routing group of S tokens (what the router kind places: S x K choices or S tokens)."""
     to_place = cfg.kind.tokens_to_place(group_tokens, cfg.k)
-    return capacity(to_place, cfg.num_experts, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple)
+    return capacity(
+        to_place, cfg.num_experts, cfg.capacity_factor, cfg.capacity, cfg.capacity_multiple, cfg.capacity_rounding
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -247,7 +255,8 @@ class TokenChoiceRouter(LinearRouter):
     def forward(self, x_GSD: Tensor, image_logits_BE: Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
         logits_GSE, noisy_logits_GSE = self.logits(x_GSD)
-        plan = token_choice_plan(expert_softmax(noisy_logits_GSE), cfg.k, group_capacity(cfg, x_GSD.shape[1]), cfg.bpr)
+        gates_GSE = expert_softmax(noisy_logits_GSE)
+        plan = token_choice_plan(gates_GSE, cfg.k, group_capacity(cfg, x_GSD.shape[1]), cfg.bpr)
 
         clean_gates_GSE = expert_softmax(logits_GSE)
         losses = {"importance_loss": importance_loss(clean_gates_GSE)}
@@ -257,8 +266,8 @@ class TokenChoiceRouter(LinearRouter):
             threshold_GS1 = noisy_logits_GSE.gather(2, plan.expert_GSK[..., cfg.k - 1 :])
             losses["load_loss"] = load_loss(logits_GSE, threshold_GS1, self.sigma)
             aux = aux + cfg.load_weight * losses["load_loss"]
-        if cfg.gshard_weight:
-            losses["gshard_loss"] = gshard_loss(clean_gates_GSE)
+        if cfg.gshard_weight:  # on the gates the choice was made on (noisy in training), as the official code
+            losses["gshard_loss"] = gshard_loss(gates_GSE)
             aux = aux + cfg.gshard_weight * losses["gshard_loss"]
         if cfg.zloss_weight:
             losses["z_loss"] = z_loss(logits_GSE)

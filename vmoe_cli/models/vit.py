@@ -17,8 +17,8 @@ from vmoe_cli.models.moe import MlpOutput, make_moe_mlp
 from vmoe_cli.models.routing import PerImageRouter, RouterOutput
 
 # MoEConfig fields that may change after training (set_routing)
-ROUTING_SETTINGS = ("k", "capacity_factor", "capacity", "capacity_multiple", "group_images", "group_size", "bpr",
-                    "bfloat16_dispatch")  # fmt: skip
+ROUTING_SETTINGS = ("k", "capacity_factor", "capacity", "capacity_multiple", "capacity_rounding", "group_images",
+                    "group_size", "bpr", "bfloat16_dispatch")  # fmt: skip
 
 
 class Attention(nn.Module):
