@@ -102,7 +102,7 @@ def train_step(run: Run, stream: Batches, step: int, log: bool) -> dict[str, Any
     for _ in range(cfg.grad_accum):
         images, labels = stream.next()
         images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-        targets = F.one_hot(labels, accelerator.unwrap_model(model).cfg.num_classes).float()
+        targets = F.one_hot(labels, run.recipe.model.num_classes).float()
         targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / targets.shape[-1]
         if run.data.augment.mixup > 0:
             images, targets = mixup(images, targets, run.data.augment.mixup, generator)
