@@ -8,11 +8,13 @@ by a NUL byte: no port, no websocket client, nothing reachable from outside the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,7 +100,7 @@ class Visit:
     images_loaded: bool = False
     errors: list[str] = field(default_factory=list)  # exceptions, console errors, log errors, failed loads
     requests: list[str] = field(default_factory=list)  # every URL the page asked for, itself included
-    screenshot: bytes = b""
+    screenshot: bytes = field(default=b"", repr=False)
 
 
 def visit(page: Path, width: int = 1280, timeout: float = 20.0) -> Visit:
@@ -145,7 +147,7 @@ class _Browser:
                    f"--user-data-dir={profile}", "about:blank"]  # fmt: skip
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         self.process = subprocess.Popen(command, pass_fds=ends, stdin=subprocess.DEVNULL, stdout=self.log,
-                                        stderr=self.log)  # fmt: skip
+                                        stderr=self.log, start_new_session=True)  # fmt: skip
         for fd in ends:
             os.close(fd)
 
@@ -157,9 +159,11 @@ class _Browser:
             self.call("Browser.close")
             self.process.wait(timeout=5)
         except (OSError, TimeoutError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
+            pass
         finally:
+            with contextlib.suppress(ProcessLookupError):  # what is left of its session: renderers, helpers
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
             os.close(self.writer)
             os.close(self.reader)
             self.log.close()

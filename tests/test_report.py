@@ -122,6 +122,8 @@ def test_mistakes_are_one_line(run, tmp_path):
     assert not_a_run.exit_code == 2 and "not a run directory (no config.yaml" in not_a_run.output
     no_sweep = runner.invoke(main, ["report", str(run), "--sweep", str(tmp_path)])
     assert no_sweep.exit_code == 2 and f"--sweep {tmp_path / 'sweep.json'}: no such file" in no_sweep.output
+    on_folder = runner.invoke(main, ["report", str(run), "--out", str(tmp_path)])
+    assert on_folder.exit_code == 2 and f"--out {tmp_path}: is a folder; give a file name" in on_folder.output
     (tmp_path / "other.json").write_text('{"rows": 3}')
     wrong = runner.invoke(main, ["report", str(run), "--fewshot", str(tmp_path / "other.json")])
     assert wrong.exit_code == 2 and "not the JSON file of vmoe fewshot --out" in wrong.output

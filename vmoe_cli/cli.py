@@ -334,7 +334,8 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
     """The whole pipeline on scikit-learn's digits, a few minutes on a CPU; rerunning resumes.
 
     Shards digits, pre-trains a tiny V-MoE and its dense twin, probes both (and raw pixels) few-shot,
-    then sweeps the V-MoE's K x capacity x BPR at inference with the dense twin as baseline.
+    sweeps the V-MoE's K x capacity x BPR at inference with the dense twin as baseline, and writes the V-MoE's
+    report page (RUN/report.html), whose path it prints last.
     """
     from vmoe_cli.quickstart import run_quickstart
 
@@ -347,9 +348,8 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
     click.echo("artefacts:")
     for what, path in done["artefacts"].items():
         click.echo(f"  {what}: {path}")
-    click.echo(
-        f"quickstart done in {time.perf_counter() - start:.0f} s; the sweep plot: {done['artefacts']['sweep plot']}"
-    )
+    click.echo(f"quickstart done in {time.perf_counter() - start:.0f} s; open the report page (no server needed):")
+    click.echo(f"  {done['artefacts']['report page']}")
 
 
 @main.command("sweep-capacity")

@@ -310,11 +310,11 @@ def _sweep_table(data: dict[str, Any]) -> str:
         marks.append(setting == (trained["k"], trained["capacity_factor"], trained["bpr"]))
         rows.append([_num(r["k"]), "on" if r["bpr"] else "off", _num(r["capacity_factor"]), _pct(r["top1"]),
                      _pct(r["dropped_all"]), _pct(r["dropped_any"]), _num(r["gflops"]),
-                     _num(r["images_per_s"])])  # fmt: skip
+                     _rate(r["images_per_s"])])  # fmt: skip
     base = data.get("baseline")
     if isinstance(base, dict):
         rows.append(
-            ["dense twin", "", "", _pct(base["top1"]), "", "", _num(base["gflops"]), _num(base["images_per_s"])]
+            ["dense twin", "", "", _pct(base["top1"]), "", "", _num(base["gflops"]), _rate(base["images_per_s"])]
         )
         marks.append(False)
     caption = (f"Trained with K={trained['k']}, capacity factor {trained['capacity_factor']}, BPR "
@@ -365,7 +365,7 @@ def _artefacts_section(artefacts: list[tuple[str, Path]]) -> str:
     rows = []
     for what, path in artefacts:
         if path.exists() or what == "this report":
-            size = "" if what == "run directory" else _size(path)
+            size = "" if what in ("run directory", "this report") else _size(path)
             rows.append([html.escape(what), f"<code>{html.escape(os.path.abspath(path))}</code>", size])
     return _table(["what", "path", "size"], rows, right=[2])
 
@@ -430,7 +430,7 @@ def _glance(recipe: Recipe | None, records: list[dict[str, Any]]) -> list[list[s
         rows.append(["final evaluation top-1", html.escape(text)])
     speeds = [r["images_per_s"] for r in train if _is_number(r.get("images_per_s"))]
     if speeds:
-        rows.append(["training speed (median)", html.escape(f"{_num(statistics.median(speeds))} images/s")])
+        rows.append(["training speed (median)", f"{_rate(statistics.median(speeds))} images/s"])
     return rows or [["metrics", "none logged"]]
 
 
@@ -475,6 +475,11 @@ def _num(value: Any) -> str:
 def _pct(value: Any) -> str:
     """A fraction as a percentage with 2 decimals; empty when it is not a number."""
     return f"{100 * value:.2f}" if _is_number(value) else ""
+
+
+def _rate(value: Any) -> str:
+    """Images/s as a whole number; empty when it is not a number."""
+    return f"{value:,.0f}" if _is_number(value) else ""
 
 
 def _mean_std(summary: dict[str, Any], shots: int) -> str:
