@@ -28,10 +28,10 @@ ROUTING_FIGURES = [("loads.png", "Expert load per layer", (200, 120)), ("maps.pn
 
 @pytest.fixture(scope="module")
 def run(digits, tmp_path_factory) -> Path:
-    """A real tiny digits V-MoE run (12 steps, logged every 3, evaluated every 6), with a routing folder as
-    `vmoe routing` leaves it: summary.json listing two PNGs in order."""
+    """A real tiny digits V-MoE run (8 steps, logged every 2, evaluated and saved every 4), with a routing folder
+    as `vmoe routing` leaves it: summary.json listing two PNGs in order."""
     out = tmp_path_factory.mktemp("report") / "run"
-    settings = {"steps": 12, "log_every": 3, "eval_every": 6, "checkpoint_every": 6, "warmup_steps": 3}
+    settings = {"steps": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 2}
     pretrain(load_recipe(ROOT / "recipes" / "digits-vmoe.yaml",
                          [f"data.shards={digits}", *(f"train.{k}={v}" for k, v in settings.items())]), out)  # fmt: skip
     routing = out / "routing"
@@ -68,7 +68,7 @@ def test_the_page_embeds_everything_it_shows(run):
     titles = [page.index(title) for _, title, _ in ROUTING_FIGURES]
     assert titles == sorted(titles) and "caption of Patch maps" in page  # in summary.json's order
     for part in ("Model card", "total parameters", "Recipe (config.yaml)", "MoE blocks", "Training curves",
-                 "Routing over training", "Auxiliary losses", "checkpoint (last)", "step_00000012"):  # fmt: skip
+                 "Routing over training", "Auxiliary losses", "checkpoint (last)", "step_00000008"):  # fmt: skip
         assert part in page, part
 
 

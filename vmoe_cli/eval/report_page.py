@@ -29,7 +29,7 @@ from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.checkpoint import CONFIG, STEP_NAME, checkpoint_dir
 from vmoe_cli.config import Recipe, load_recipe
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.curves import METRICS, curve_figures, read_metrics
+from vmoe_cli.eval.curves import METRICS, curve_figures, pyplot, read_metrics
 
 REPORT = "report.html"
 ROUTING = "routing"  # `vmoe routing --out` default inside a run: summary.json + the figures it lists
@@ -85,6 +85,7 @@ def write_report(
     the page; a missing given file, or a folder that is no run, is a VmoeError.
     """
     run = _run_dir(Path(run_dir))
+    pyplot()  # without matplotlib: one line before any work
     report = Report(Path(out) if out is not None else run / REPORT)
     found_sweeps, found_fewshots = _results_in(run, report)
     given_sweeps = [(p, _given(p, "--sweep", _is_sweep)) for p in map(_sweep_file, sweeps)]
