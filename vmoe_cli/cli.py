@@ -59,6 +59,7 @@ def main() -> None:
       vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
       vmoe fewshot --checkpoint runs/digits-vmoe shards/digits
       vmoe sweep-capacity shards/digits --checkpoint runs/digits-vmoe --baseline runs/digits-vit
+      vmoe report runs/digits-vmoe
       vmoe superclasses shards/fmnist --checkpoint runs/fmnist-vit --experts 4 --out superclasses.json
       vmoe convert-jax vmoe_s32_last2_ilsvrc2012_randaug_light1 --out runs/vmoe-s32-jax
       vmoe quickstart
@@ -333,7 +334,8 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
     """The whole pipeline on scikit-learn's digits, a few minutes on a CPU; rerunning resumes.
 
     Shards digits, pre-trains a tiny V-MoE and its dense twin, probes both (and raw pixels) few-shot,
-    then sweeps the V-MoE's K x capacity x BPR at inference with the dense twin as baseline.
+    sweeps the V-MoE's K x capacity x BPR at inference with the dense twin as baseline, and writes the V-MoE's
+    report page (RUN/report.html), whose path it prints last.
     """
     from vmoe_cli.quickstart import run_quickstart
 
@@ -346,9 +348,8 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
     click.echo("artefacts:")
     for what, path in done["artefacts"].items():
         click.echo(f"  {what}: {path}")
-    click.echo(
-        f"quickstart done in {time.perf_counter() - start:.0f} s; the sweep plot: {done['artefacts']['sweep plot']}"
-    )
+    click.echo(f"quickstart done in {time.perf_counter() - start:.0f} s; open the report page (no server needed):")
+    click.echo(f"  {done['artefacts']['report page']}")
 
 
 @main.command("sweep-capacity")
@@ -430,6 +431,33 @@ def sweep_table(results: dict) -> Table:
         cells = ["dense", "", "", f"{100 * base['top1']:.2f}", "", "", f"{base['gflops']:.3g}"]
         table.add_row(*cells, f"{base['images_per_s']:,.0f}", f"{base['latency_ms']:.1f}", *([""] if fewshot else []))
     return table
+
+
+@main.command("report")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="HTML file written [default: RUN_DIR/report.html].")
+@click.option("--sweep", "sweeps", multiple=True, type=click.Path(path_type=Path),
+              help="A vmoe sweep-capacity --out folder (or its sweep.json) to include; repeatable.")  # fmt: skip
+@click.option("--fewshot", "fewshots", multiple=True, type=click.Path(path_type=Path),
+              help="A vmoe fewshot --out JSON file to include; repeatable.")  # fmt: skip
+def report(run_dir: Path, out: Path | None, sweeps: tuple[Path, ...], fewshots: tuple[Path, ...]) -> None:
+    """Write one self-contained HTML page about the run in RUN_DIR.
+
+    The recipe and model card, curves of metrics.jsonl, the routing analysis (RUN_DIR/routing), sweeps and
+    few-shot results found in RUN_DIR or given, and the paths of the artefacts. Figures are embedded: the page
+    needs no server, no network and no other file.
+
+    \b
+    Example:
+      vmoe report runs/quickstart/digits-vmoe --sweep runs/quickstart/sweep
+    """
+    from vmoe_cli.eval.report_page import REPORT, write_report
+
+    out = writable_file(out or run_dir / REPORT, "--out")
+    done = write_report(run_dir, out, sweeps, fewshots)
+    for note in done.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {done.path} ({done.figures} figures, {len(done.notes)} notes)")
 
 
 @main.command("superclasses")

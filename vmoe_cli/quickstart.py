@@ -1,8 +1,9 @@
 """The whole pipeline on the embedded digits, in a few minutes on a CPU: the README's main command.
 
 shard digits -> pre-train the tiny V-MoE and its dense twin -> few-shot probe both (and raw pixels)
--> capacity sweep of the V-MoE with the dense twin as baseline. Every step is resumable: a rerun finds the
-shards complete, skips finished runs, resumes unfinished ones, reads cached features and finished sweeps.
+-> capacity sweep of the V-MoE with the dense twin as baseline -> the V-MoE's report page. Every step is
+resumable: a rerun finds the shards complete, skips finished runs, resumes unfinished ones, reads cached
+features and finished sweeps (the report page is rewritten).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vmoe_cli.data.sources import open_source
 from vmoe_cli.eval.fewshot import load_backbone, write_results
 from vmoe_cli.eval.plots import plot_sweep
 from vmoe_cli.eval.probe import run_fewshot
+from vmoe_cli.eval.report_page import write_report
 from vmoe_cli.eval.sweep import SweepOptions, make_grid, sweep
 from vmoe_cli.train.loop import pretrain
 from vmoe_cli.train.report import read_metrics
@@ -35,35 +37,40 @@ def run_quickstart(
     overrides: Sequence[str] = (),
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every step into `out`; return the artefact paths, the few-shot results and the sweep results.
+    """Run every step into `out`; return the artefact paths (the report page last), the few-shot results and the
+    sweep results.
 
     `overrides` are `--set` values applied to both recipes (e.g. train.steps=50 for a smoke run).
     """
     out, shards = Path(out), Path(shards)
-    say(f"[1/4] shard digits -> {shards}")
+    say(f"[1/5] shard digits -> {shards}")
     write_shards(open_source("digits"), shards, DIGITS, workers=1)
     runs = {}
     for i, name in enumerate(TWINS):
         runs[name] = out / name
-        say(f"[2/4] pre-train {name} ({i + 1}/2) -> {runs[name]}")
+        say(f"[2/5] pre-train {name} ({i + 1}/2) -> {runs[name]}")
         recipe = load_recipe(Path(recipes) / f"{name}.yaml", [f"data.shards={shards}", *overrides])
         result = _pretrain_or_resume(recipe, runs[name])
         say(f"      {name}: {result}")
     fewshot = {}
     for name, checkpoint in (("pixels", "pixels"), *((n, str(runs[n])) for n in TWINS)):
-        say(f"[3/4] few-shot probe of {name} on {shards}")
+        say(f"[3/5] few-shot probe of {name} on {shards}")
         backbone = load_backbone(checkpoint, pixels_size=8)
         results = run_fewshot(backbone, [str(shards)], cache_dir=cache_dir)
         fewshot[name] = results
         write_results(results, out / "fewshot" / f"{name}.json")
-    say(f"[4/4] capacity sweep of digits-vmoe on {shards} (test), dense twin as baseline -> {out / 'sweep'}")
+    say(f"[4/5] capacity sweep of digits-vmoe on {shards} (test), dense twin as baseline -> {out / 'sweep'}")
     points = make_grid([1, 2], CAPACITIES, [True, False])
     swept = sweep(runs["digits-vmoe"], str(shards), points, out / "sweep", SweepOptions(), runs["digits-vit"],
                   cache_dir)  # fmt: skip
     plot = plot_sweep(swept, out / "sweep" / "sweep.png")
+    say(f"[5/5] report page of digits-vmoe -> {runs['digits-vmoe'] / 'report.html'}")
+    fewshot_files = [out / "fewshot" / f"{name}.json" for name in fewshot]
+    report = write_report(runs["digits-vmoe"], sweeps=[out / "sweep"], fewshots=fewshot_files)
     artefacts = {
         "shards": shards, **{f"run {n}": runs[n] for n in TWINS},
         "few-shot results": out / "fewshot", "sweep table": out / "sweep" / "sweep.csv", "sweep plot": plot,
+        "report page": report.path,
     }  # fmt: skip
     return {"artefacts": artefacts, "fewshot": fewshot, "sweep": swept}
 
