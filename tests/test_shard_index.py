@@ -69,7 +69,7 @@ def tars(tmp_path_factory) -> Path:
 def index(tars: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("index")
     result = CliRunner().invoke(
-        main, ["shard-index", str(tars / TRAIN), str(tars / TEST), "--out", str(out), "--workers", "2", "--sha256"]
+        main, ["shard-index", str(tars / TRAIN), str(tars / TEST), "--out", str(out), "--workers", "2"]
     )
     assert result.exit_code == 0, result.output
     return out
@@ -142,20 +142,22 @@ def test_json_labels_with_label_key_and_class_names_from_a_file(tars: Path, tmp_
     out = tmp_path / "index"
     result = invoke(
         "shard-index", str(tars / "json" / TEST), "--label-key", "digit", "--class-names", str(names), "--out",
-        str(out), "--workers", "1",
+        str(out), "--workers", "1", "--no-sha256",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest["label_key"] == "digit" and manifest["classes"][3] == "digit 3"
     expected = webdataset_samples([str(f) for f in sorted(tars.glob("test-*.tar"))])  # the .cls twins
     assert [label for _, label in loader_samples(out, "test")] == [label for _, label in expected]
+    verified = invoke("shard-info", str(out), "--verify")
+    assert verified.exit_code == 0 and "2 shards verified (size; the index has no sha256)" in verified.stdout
 
 
 def test_http_and_pipe_shards_split_over_ranks_and_resume_like_local_ones(tars: Path, index: Path, server: str,
                                                                           tmp_path: Path):  # fmt: skip
     remote = tmp_path / "remote"
     pipe = f"pipe:cat {tars}/{TEST}"  # expanded into one command per shard
-    result = invoke("shard-index", f"{server}/{TRAIN}", pipe, "--out", str(remote), "--workers", "2", "--sha256")
+    result = invoke("shard-index", f"{server}/{TRAIN}", pipe, "--out", str(remote), "--workers", "2")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(remote)
     assert manifest["splits"]["test"]["shards"][1]["file"] == f"pipe:cat {tars}/test-000001.tar"

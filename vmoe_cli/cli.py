@@ -184,7 +184,8 @@ def _splits_table(title: str, manifest: dict, caption: str = "") -> Table:
 @click.option("--split", help="Split of every shard [default: the train/val/test/minival word in each name].")
 @click.option("--label-key", help="Take labels from this key of each sample's .json [default: its .cls].")
 @click.option("--class-names", help="Comma-separated names in label order, or a file with one per line [0, 1, ...].")
-@click.option("--sha256", is_flag=True, help="Hash every shard too, for `vmoe shard-info --verify`.")
+@click.option("--sha256/--no-sha256", default=True, show_default=True,
+              help="Hash every shard as it streams: `shard-info --verify` and feature caches rely on it.")  # fmt: skip
 @click.option("--workers", default=os.cpu_count() or 1, show_default="CPU cores", help="Shards scanned at once.")
 def shard_index(shards: tuple[str, ...], out_dir: Path, split: str | None, label_key: str | None,
                 class_names: str | None, sha256: bool, workers: int) -> None:  # fmt: skip

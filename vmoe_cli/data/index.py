@@ -36,7 +36,7 @@ class IndexOptions:
     split: str | None = None  # the split of every shard; None: the last split word in each shard's name
     label_key: str | None = None  # None: labels from each sample's .cls; else this key of its .json
     class_names: list[str] | None = None  # in label order; None: "0", "1", ... up to the largest label
-    sha256: bool = False  # hash every shard (for `vmoe shard-info --verify`)
+    sha256: bool = True  # hash every shard: its identity for `shard-info --verify` and the feature caches
 
 
 def split_of(location: str) -> str | None:
