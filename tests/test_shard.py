@@ -274,9 +274,15 @@ def test_dry_run_counts_and_writes_nothing(folder: Path, tmp_path: Path):
 
 def test_shard_info_counts_flags_and_verifies(tmp_path: Path):
     write_shards(open_source("digits"), tmp_path, ShardOptions(shard_size=500, minival=0.05))
-    info = shard_info(tmp_path, verify=True, ranks=2, workers=2)
+    info = shard_info(tmp_path, verify=True, ranks=2, workers=8)
     assert info["failed"] == []
-    assert any("minival: 1 shards for 2 ranks x 2 workers" in p for p in info["problems"])
+    assert info["problems"] == [  # minival, read by sample (data/loader.py: _eval_range), is never divided by shard
+        "train: 4 shards for 2 ranks x 8 workers: 12 readers get no shard (use fewer workers, or reshard with a "
+        "smaller --shard-size)",
+        "train: samples per rank range from 707 to 1000",
+    ]
+    result = CliRunner().invoke(main, ["shard-info", str(tmp_path), "--ranks", "2", "--workers", "8"])
+    assert result.exit_code == 0 and "train:" in result.stderr and "minival" not in result.stderr
     result = CliRunner().invoke(main, ["shard-info", str(tmp_path), "--verify"])
     assert result.exit_code == 0 and "5 shards verified" in result.stdout
     shard = tmp_path / "train-000001.tar"

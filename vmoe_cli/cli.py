@@ -55,6 +55,7 @@ def main() -> None:
       vmoe model-info recipes/digits-vit.yaml --set model.moe.k=1 --set model.moe.bpr=true
       vmoe shard digits --out shards/digits --minival 0.1 --test 0.2 --shard-size 200
       vmoe shard-info shards/digits --verify
+      vmoe shard-index 'https://host/data/train-{000000..000099}.tar' --out shards/web-index
       vmoe pretrain recipes/digits-vmoe.yaml --out runs/digits-vmoe
       vmoe finetune recipes/digits-vmoe-finetune.yaml --from runs/digits-vmoe
       vmoe fewshot --checkpoint runs/digits-vmoe shards/digits
@@ -157,13 +158,7 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
     if complete:
         click.echo(f"{out_dir}: already complete ({MANIFEST} is there); nothing to do")
         return
-    table = Table(title=f"{source} -> {out_dir}", caption="dry run: nothing written" if dry_run else None)
-    for column in ("split", "samples", "shards", "bytes"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for split, info in manifest["splits"].items():
-        size = sum(s["bytes"] or 0 for s in info["shards"])
-        table.add_row(split, f"{info['count']:,}", str(len(info["shards"])), f"{size:,}" if size else "-")
-    _console().print(table)
+    _console().print(_splits_table(f"{source} -> {out_dir}", manifest, "dry run: nothing written" if dry_run else ""))
     processed = sum(info["count"] for info in manifest["splits"].values()) + manifest["skipped"]
     click.echo(f"{len(manifest['classes'])} classes; {manifest['skipped']} inputs skipped", nl=False)
     if manifest["skipped"] and manifest["report"]:
@@ -173,16 +168,77 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
         click.echo(f"  skipped {entry['id']}: {entry['reason']}")
 
 
+def _splits_table(title: str, manifest: dict, caption: str = "") -> Table:
+    """Samples, shards and bytes per split of a manifest."""
+    table = Table(title=title, caption=caption or None)
+    for column in ("split", "samples", "shards", "bytes"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, info in manifest["splits"].items():
+        size = sum(s["bytes"] or 0 for s in info["shards"])
+        table.add_row(split, f"{info['count']:,}", str(len(info["shards"])), f"{size:,}" if size else "-")
+    return table
+
+
+@main.command("shard-index")
+@click.argument("shards", metavar="SHARDS...", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder of the index.")
+@click.option("--split", help="Split of every shard [default: the train/val/test/minival word in each name].")
+@click.option("--label-key", help="Take labels from this key of each sample's .json [default: its .cls].")
+@click.option("--class-names", help="Comma-separated names in label order, or a file with one per line [0, 1, ...].")
+@click.option("--sha256/--no-sha256", default=True, show_default=True,
+              help="Hash every shard as it streams: `shard-info --verify` and feature caches rely on it.")  # fmt: skip
+@click.option("--workers", default=os.cpu_count() or 1, show_default="CPU cores", help="Shards scanned at once.")
+def shard_index(shards: tuple[str, ...], out_dir: Path, split: str | None, label_key: str | None,
+                class_names: str | None, sha256: bool, workers: int) -> None:  # fmt: skip
+    """Index existing WebDataset tars where they are, so every vmoe command reads them: writes --out/manifest.json.
+
+    SHARDS are paths, brace patterns (train-{000000..000099}.tar), http(s):// URLs, pipe:COMMAND (the tar on the
+    command's stdout) or URLs fsspec reads (s3://, gs://, with fsspec and its backend installed). Each shard is
+    streamed once; nothing is copied. The index is signed with your key (~/.config/vmoe/index.key), as it may
+    name any file or command: vmoe reads only indexes its user made.
+
+    \b
+    Example:
+      vmoe shard-index 'data/in1k-train-{0000..1023}.tar' 'data/in1k-val-{00..63}.tar' --out shards/in1k-index
+    """
+    from vmoe_cli.data.index import IndexOptions, index_shards
+
+    writable_dir(out_dir, "--out")
+    names = _class_names(class_names) if class_names else None
+    options = IndexOptions(split=split, label_key=label_key, class_names=names, sha256=sha256)
+    start = time.perf_counter()
+    with _progress_bar() as show:
+        manifest = index_shards(shards, out_dir, options, workers=workers, progress=show)
+    seconds = time.perf_counter() - start
+    _console().print(_splits_table(f"index: {out_dir}", manifest))
+    images = sum(info["count"] for info in manifest["splits"].values())
+    click.echo(f"{len(manifest['classes'])} classes; wrote {out_dir / 'manifest.json'}; "
+               f"{seconds:.1f} s, {images / seconds:,.0f} images/s")  # fmt: skip
+
+
+def _class_names(text: str) -> list[str]:
+    """--class-names: a file with one name per line, or comma-separated names."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise VmoeError(f"--class-names {text}: unreadable ({e})") from None
+    return [name.strip() for name in text.split(",")]
+
+
 @main.command("shard-info")
 @click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("--verify", is_flag=True, help="Check every shard's sha256 against the manifest.")
+@click.option("--verify", is_flag=True, help="Check every shard's sha256 against the manifest (streams remote ones).")
 @click.option("--ranks", default=1, show_default=True, help="Training processes that will read the shards.")
 @click.option("--workers", default=1, show_default=True, help="Data-loader workers per rank.")
-def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int) -> None:
+@click.option("--train-split", default="train", show_default=True,
+              help="The split trained on: its shards are divided over ranks x workers (others by sample).")  # fmt: skip
+def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int, train_split: str) -> None:
     """Counts per split and class of the shards in DIR, and problems for RANKS x WORKERS readers."""
-    from vmoe_cli.data.manifest import shard_info
+    from vmoe_cli.data.manifest import INDEX_FORMAT, shard_info
 
-    info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers)
+    info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers, train_split=train_split)
     manifest = info["manifest"]
     splits = list(manifest["splits"])
     table = Table(title=f"{out_dir}: {manifest['source']}")
@@ -195,14 +251,22 @@ def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int) ->
     table.add_row("samples", *(f"{manifest['splits'][s]['count']:,}" for s in splits))
     table.add_row("shards", *(str(len(manifest["splits"][s]["shards"])) for s in splits))
     _console().print(table)
-    click.echo(f"{manifest['skipped']} inputs skipped at sharding (see {out_dir / manifest['report']})")
+    if manifest["format"] == INDEX_FORMAT:
+        click.echo(f"an index of shards outside {out_dir}: " + ", ".join(manifest["patterns"][:3]))
+    else:
+        click.echo(f"{manifest['skipped']} inputs skipped at sharding (see {out_dir / manifest['report']})")
     for problem in info["problems"]:
         click.echo(f"warning: {problem}", err=True)
     if info["failed"]:
         shown = "; ".join(info["failed"][:3]) + ("; ..." if len(info["failed"]) > 3 else "")
         raise VmoeError(f"{out_dir}: {len(info['failed'])} shard(s) failed verification: {shown}")
-    total = sum(len(s["shards"]) for s in manifest["splits"].values())
-    click.echo(f"{total} shards " + ("verified (size and sha256)" if verify else "present with the right sizes"))
+    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+    checked = "size and sha256" if all("sha256" in s for s in shards) else "size; the index has no sha256"
+    line = f"{len(shards)} shards " + (f"verified ({checked})" if verify else "present with the right sizes")
+    if info["unchecked"]:
+        line = f"{len(shards) - info['unchecked']} local shards present with the right sizes; {info['unchecked']} "
+        line += "remote shards not read (--verify streams them)"
+    click.echo(line)
 
 
 @main.command("pretrain")
@@ -275,7 +339,7 @@ def finetune(recipe: Path, source: Path, overrides: tuple[str, ...], out_dir: Pa
 def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, l2: str, kind: str, out: Path | None,
             k: int | None, capacity_factor: float | None, bpr: bool | None, batch_size: int, cache_dir: Path,
             pixels_size: int) -> None:  # fmt: skip
-    """Linear few-shot accuracy of a frozen backbone on each DATA (shards or any `vmoe shard` source).
+    """Linear few-shot accuracy of a frozen backbone on each DATA (shards, an index or any `vmoe shard` source).
 
     Features (pre-logits) are extracted once per checkpoint and data and cached; a second call with other
     --shots, --seeds or --l2 only re-solves the probe. Sources without a test split get a seeded 20% hold-out.
@@ -378,8 +442,8 @@ def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str,
                    fewshot_shots: int, cache_dir: Path) -> None:  # fmt: skip
     """Accuracy, dropped tokens, GFLOPs and measured speed of a V-MoE for every K x capacity x BPR setting.
 
-    DATA is shards or any `vmoe shard` source. Writes sweep.csv, sweep.json and sweep.png into --out;
-    rerunning an interrupted sweep resumes where it stopped.
+    DATA is shards, a `vmoe shard-index` index or any `vmoe shard` source. Writes sweep.csv, sweep.json and
+    sweep.png into --out; rerunning an interrupted sweep resumes where it stopped.
 
     \b
     Example:

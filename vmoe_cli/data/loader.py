@@ -24,8 +24,11 @@ the minimum over ranks (no rank waits forever on a collective), and `start_batch
 skipping samples before decoding. Augmentation is seeded per sample position, so a resumed epoch yields
 exactly the batches an uninterrupted one would have.
 
-Each shard's size is checked against the manifest when it is opened, so a changed shard is a one-line error,
-never silently other samples (its sha256 is `vmoe shard-info --verify`'s).
+Shards are read where the manifest says (data/tars.py): the files of a shard folder, or the paths, URLs and
+`pipe:` commands of an index made by `vmoe shard-index`, each as one forward stream. Each shard's size is
+checked against the manifest (a local file's when it is opened, a remote one's once read to its end) and its
+sample count once read, so a changed shard is a one-line error, never silently other samples (its sha256 is
+`vmoe shard-info --verify`'s).
 
 Never pass a Loader through `accelerator.prepare()`: it is already split per rank, and Accelerate would
 split the stream a second time and silently lose samples.
@@ -38,7 +41,6 @@ import io
 import itertools
 import math
 import random
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,16 +48,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vmoe_cli.data import tars
 from vmoe_cli.data.augment import AugmentConfig, augment_image, resize
 from vmoe_cli.data.config import DataConfig
-from vmoe_cli.data.manifest import MANIFEST, read_manifest
+from vmoe_cli.data.manifest import MANIFEST, read_manifest, remedy, shard_location
 from vmoe_cli.errors import VmoeError
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 SHUFFLE_BUFFER = 1000  # samples (undecoded bytes) held per worker for the within-shard shuffle
 
 
@@ -80,7 +81,7 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 class _Shard(NamedTuple):
     """A shard of the split as the manifest lists it."""
 
-    file: str
+    location: str  # a local path, a URL or a `pipe:` command (data/tars.py)
     count: int  # samples
     size: int  # bytes of the file
 
@@ -92,6 +93,8 @@ class _Plan:
     shard_dir: Path
     shards: list[_Shard]  # of the split, manifest order
     split: str
+    label_key: str | None  # None: the label is each sample's .cls; else this key of its .json (an index's choice)
+    redo: str  # what to run when a shard no longer matches the manifest
     batch_size: int
     image_size: int
     channels: int
@@ -108,7 +111,7 @@ class _Plan:
     first: list[int] = field(default_factory=list)  # per logical worker: index of its first batch to yield (resume)
     stop: list[int] = field(default_factory=list)  # per logical worker: how many of its batches this epoch uses
     offset: int = 0  # logical worker of DataLoader worker i is (i + offset) % workers
-    cache: dict[str, tuple[dict[str, Any], ...]] | None = None  # shard file -> decoded samples; None reads the tars
+    cache: dict[str, tuple[dict[str, Any], ...]] | None = None  # shard location -> decoded samples; None: the tars
 
 
 class Loader:
@@ -165,12 +168,14 @@ def build_loader(
     once). `start_batch` resumes an epoch; `raw=True` keeps uint8 pixels.
     """
     _check_args(data, batch_size, image_size, channels, rank, world_size)
-    splits = read_manifest(shard_dir).get("splits", {})
+    manifest = read_manifest(shard_dir)
+    splits = manifest["splits"]
     if split not in splits:
         raise VmoeError(f"{shard_dir}: no split {split!r} (has: {', '.join(splits) or 'none'})")
-    shards = [_Shard(s["file"], s["count"], s["bytes"]) for s in splits[split]["shards"]]
+    shards = [_Shard(shard_location(shard_dir, manifest, s), s["count"], s["bytes"]) for s in splits[split]["shards"]]
     plan = _Plan(
-        shard_dir=Path(shard_dir), shards=shards, split=split, batch_size=batch_size, image_size=image_size,
+        shard_dir=Path(shard_dir), shards=shards, split=split, label_key=manifest.get("label_key"),
+        redo=remedy(manifest), batch_size=batch_size, image_size=image_size,
         channels=channels, train=train, rank=rank, world_size=world_size, processes=data.workers,
         workers=max(1, data.workers), seed=seed, epoch=epoch, augment=data.augment,
         resampled=train and data.resampled,
@@ -181,7 +186,8 @@ def build_loader(
         raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
     decoded = None
     if data.cache:  # filled on the first call for this split, reused by every later loader of this process
-        decoded = {s.file: _decoded_shard(str(shard_dir), s, channels, _stamp(Path(shard_dir, s.file))) for s in shards}
+        read = (plan.label_key, plan.redo, channels)
+        decoded = {s.location: _decoded_shard(s, *read, _stamp(s, plan.redo)) for s in shards}
     plan = replace(
         plan, cache=decoded, offset=schedule[start_batch] if start_batch < steps else 0,
         first=[schedule[:start_batch].count(w) for w in range(plan.workers)],
@@ -335,7 +341,7 @@ class _Stream(IterableDataset):
     def _read(self, shard: _Shard) -> Iterable[dict[str, Any]]:
         """The samples of one shard: from the cache when there is one, else from its tar file."""
         p = self.plan
-        return p.cache[shard.file] if p.cache is not None else _read_shard(p.shard_dir, shard)
+        return p.cache[shard.location] if p.cache is not None else _read_shard(shard, p.label_key, p.redo)
 
     def _read_range(self, start: int, end: int) -> Iterator[dict[str, Any]]:
         """Samples [start, end) of the split in manifest order, opening only the shards that hold them."""
@@ -369,61 +375,49 @@ def _decode(sample: dict[str, Any], channels: int) -> Image.Image:
         raise VmoeError(f"{sample['shard']}: sample {sample['key']}: unreadable image ({e}); re-shard") from None
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    """(size, mtime): a re-written shard gets a new cache entry."""
+def _stamp(shard: _Shard, redo: str) -> tuple[int, int]:
+    """(size, mtime) of a local shard: a re-written shard gets a new cache entry. A remote shard's is its size in
+    the manifest (it is checked against the bytes read)."""
+    path = tars.local_path(shard.location)
+    if path is None:
+        return shard.size, 0
     try:
         stat = path.stat()
     except OSError:
-        raise VmoeError(f"{path}: shard listed in {MANIFEST} is missing; re-run `vmoe shard`") from None
+        raise VmoeError(f"{path}: shard listed in {MANIFEST} is missing; {redo}") from None
     return stat.st_size, stat.st_mtime_ns
 
 
 @functools.cache
-def _decoded_shard(shard_dir: str, shard: _Shard, channels: int, stamp: tuple[int, int]) -> tuple[dict[str, Any], ...]:
+def _decoded_shard(
+    shard: _Shard, label_key: str | None, redo: str, channels: int, stamp: tuple[int, int]
+) -> tuple[dict[str, Any], ...]:
     """Every sample of one shard, its image decoded to uint8 pixels [H, W] or [H, W, 3]: the `cache` memo.
 
     `stamp` (the file's size and mtime) is only part of the memo's key.
     """
-    samples = _read_shard(Path(shard_dir), shard)
+    samples = _read_shard(shard, label_key, redo)
     return tuple({**s, "image": np.asarray(_decode(s, channels), dtype=np.uint8)} for s in samples)
 
 
-def _read_shard(shard_dir: Path, shard: _Shard) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as `{key, shard, image: bytes, label: int}`; checks its size (when it is opened) and
-    its count against the manifest."""
-    path = shard_dir / shard.file
-    size, _ = _stamp(path)
-    if size != shard.size:
-        raise VmoeError(f"{path}: {size} bytes, {MANIFEST} says {shard.size}; the shard changed: re-run `vmoe shard`")
+def _read_shard(shard: _Shard, label_key: str | None, redo: str) -> Iterator[dict[str, Any]]:
+    """Samples of one shard as `{key, shard, image: bytes, label: int}`; checks its size (a local file's when it
+    is opened, a remote one's once read to its end) and its count against the manifest."""
+    local = tars.local_path(shard.location) is not None
+    if local:
+        _check_size(shard, _stamp(shard, redo)[0], redo)
     n = 0
-    try:
-        for sample in wds.tariterators.tarfile_samples([{"url": str(path)}], select_files=_wanted):
+    with tars.open_stream(shard.location) as stream:
+        for sample in tars.samples(stream, shard.location, label_key, redo):
             n += 1
-            yield {
-                "key": sample["__key__"],
-                "shard": str(path),
-                "image": _image_bytes(sample, path),
-                "label": _label(sample, path),
-            }
-    except (OSError, EOFError, ValueError, tarfile.TarError) as e:
-        raise VmoeError(f"{path}: unreadable shard ({e}); re-run `vmoe shard`") from None
+            yield {**sample, "shard": shard.location}
+        stream.drain()
+    if not local:
+        _check_size(shard, stream.bytes, redo)
     if n != shard.count:
-        raise VmoeError(f"{path}: has {n} samples, {MANIFEST} says {shard.count}; re-run `vmoe shard`")
+        raise VmoeError(f"{shard.location}: has {n} samples, {MANIFEST} says {shard.count}; {redo}")
 
 
-def _wanted(fname: str) -> bool:
-    return not fname.endswith(".json")
-
-
-def _image_bytes(sample: dict[str, Any], path: Path) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise VmoeError(f"{path}: sample {sample['__key__']} has no image member; re-run `vmoe shard`")
-
-
-def _label(sample: dict[str, Any], path: Path) -> int:
-    try:
-        return int(sample["cls"])
-    except (KeyError, ValueError):
-        raise VmoeError(f"{path}: sample {sample['__key__']} has no valid .cls label; re-run `vmoe shard`") from None
+def _check_size(shard: _Shard, size: int, redo: str) -> None:
+    if size != shard.size:
+        raise VmoeError(f"{shard.location}: {size} bytes, {MANIFEST} says {shard.size}; the shard changed: {redo}")

@@ -19,7 +19,7 @@ from torch import Tensor
 from vmoe_cli.checkpoint import WEIGHTS, load_model, load_recipe_of, resolve_checkpoint
 from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import Loader, build_loader
-from vmoe_cli.data.manifest import MANIFEST, file_sha256, read_manifest
+from vmoe_cli.data.manifest import MANIFEST, check_not_stock_tars, file_sha256, read_manifest
 from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import VisionTransformer
@@ -77,8 +77,10 @@ def open_checkpoint(checkpoint: str | Path, option: str = "--checkpoint") -> Ope
 
 
 def open_data(data: str, cache_dir: str | Path, splits: Sequence[str], hint: str) -> EvalData:
-    """DATA's evaluation shards (a source is sharded once into `cache_dir`); a one-line error naming the splits
-    it has, and ending with `hint`, when one of `splits` is missing."""
+    """DATA's evaluation shards: a shard folder or index, or a source sharded once into `cache_dir`; a one-line
+    error naming the splits it has, and ending with `hint`, when one of `splits` is missing, and one saying how to
+    index them for WebDataset tars without a manifest."""
+    check_not_stock_tars(data)
     shard_dir = eval_shards(data, Path(cache_dir).expanduser())
     manifest = read_manifest(shard_dir)
     for split in splits:
