@@ -9,7 +9,12 @@ listing again. Planning is a single process (no worker is started), so its peak 
 Memory grows with the rows only from the last chunk of rows parsed on (a fixed 16,384 rows), so the 14-million
 figure is extrapolated from the two largest runs.
 
+With --library the child calls `write_shards(..., plan_only=True)` instead of the command: the `vmoe` command
+starts at about 230 MiB, most of it torch, which `vmoe_cli.config` imports for every command; the library alone
+starts at about 40 MiB.
+
 Usage:  python scripts/bench_shard_plan.py --rows 1000000 [--rows 5000000] [--classes 21843] [--minival 0.01]
+                                           [--library]
 """
 
 from __future__ import annotations
@@ -38,10 +43,17 @@ def write_list(path: Path, rows: int, classes: int) -> None:
             )
 
 
-def run(args: list[str]) -> tuple[float, float]:
-    """CPU seconds (user + system) and peak resident MiB of `vmoe ARGS` run as a child process."""
+COMMAND = "import sys; from vmoe_cli.cli import main; main(sys.argv[1:])"
+LIBRARY = """import sys
+from vmoe_cli.data.shard import ShardOptions, write_shards
+from vmoe_cli.data.sources import open_source
+write_shards(open_source(sys.argv[2]), sys.argv[4], ShardOptions(minival=float(sys.argv[7])), plan_only=True)
+"""
+
+
+def run(code: str, args: list[str]) -> tuple[float, float]:
+    """CPU seconds (user + system) and peak resident MiB of `code` run with ARGS as a child process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    code = "import sys; from vmoe_cli.cli import main; main(sys.argv[1:])"
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"vmoe {' '.join(args)} failed:\n{done.stderr}")
@@ -55,7 +67,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", help="rows of a list to plan (repeatable)")
     parser.add_argument("--classes", type=int, default=21843, help="distinct labels")
     parser.add_argument("--minival", default="0.01", help="the --minival of the planned job")
+    parser.add_argument("--library", action="store_true", help="call write_shards, not the vmoe command")
     args = parser.parse_args()
+    code = LIBRARY if args.library else COMMAND
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for rows in [BASE_ROWS, *sorted(args.rows or [1_000_000])]:
@@ -63,8 +77,8 @@ def main() -> None:
             write_list(listing, rows, args.classes)
             out = Path(tmp) / f"out-{rows}"
             command = ["shard", str(listing), "--out", str(out), "--plan-only", "--minival", args.minival]
-            cpu, peak = run(command)
-            resumed_cpu, _ = run(command)
+            cpu, peak = run(code, command)
+            resumed_cpu, _ = run(code, command)
             results[rows] = (cpu, peak, resumed_cpu)
             listing.unlink()
         base_cpu, base_peak, _ = results[BASE_ROWS]

@@ -303,11 +303,23 @@ def test_threshold_fails_then_a_higher_one_finishes_without_redoing(folder: Path
     assert failed.exit_code == 2 and failed.stderr.count("\n") == 1
     assert "3 of 9 inputs were skipped, more than --max-skipped 0.2" in failed.stderr
     assert not (out / "manifest.json").exists() and (out / "skipped.jsonl").read_text().count("\n") == 3
-    assert CliRunner().invoke(main, [*args[:-1], "0.5"]).exit_code == 0
+    finished = CliRunner().invoke(main, [*args[:-1], "0.5"])
+    assert finished.exit_code == 0 and "; 0 images read in " in finished.stdout
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "empty.png").write_bytes(b"")
     nothing = CliRunner().invoke(main, ["shard", str(tmp_path / "bad"), "--out", str(tmp_path / "o2")])
     assert nothing.exit_code == 2 and "no usable image: all 1 inputs were skipped" in nothing.stderr
+
+
+def test_a_rerun_says_where_it_resumes_and_counts_only_its_own_images(folder: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    args = ["shard", str(folder), "--out", str(out), "--workers", "1", "--shard-size", "2", "--max-skipped", "0.2"]
+    assert CliRunner().invoke(main, args).exit_code == 2  # all 5 shards written, then too many skipped: state kept
+    (out / "train-000001.tar").unlink()
+    rerun = CliRunner().invoke(main, [*args[:-1], "0.5"])
+    assert rerun.exit_code == 0, rerun.output
+    assert "resuming: 4 of 5 shards already written\n" in rerun.stderr
+    assert "; 2 images read in " in rerun.stdout  # the rewritten shard's, not all 9
 
 
 def test_dry_run_counts_and_writes_nothing(folder: Path, tmp_path: Path):

@@ -98,9 +98,9 @@ def _card_table(title: str, card: dict[str, object], caption: str = "") -> Table
 @click.option("--encoding", type=click.Choice(["keep", "png", "jpg"]), default="keep", show_default=True,
               help="keep: store JPEG/PNG/WebP bytes as they are (other formats and arrays become PNG).")  # fmt: skip
 @click.option("--validate", type=click.Choice(["fast", "full", "none"]), default="fast", show_default=True,
-              help="How keep checks an image it stores as it is. fast: its structure (baseline JPEG markers, PNG "
-                   "checksums), decoding what fails or has no such check; full: decode every image; none: the "
-                   "header only.")  # fmt: skip
+              help="How keep checks an image it stores as it is. fast: its structure (baseline JPEG headers and "
+                   "markers, PNG checksums), decoding what fails or has no such check; full: decode every image; "
+                   "none: the header only.")  # fmt: skip
 @click.option("--quality", default=95, show_default=True, help="JPEG quality when encoding to jpg.")
 @click.option("--resize", type=int, help="Shrink images so the shorter side is this many pixels (never enlarges).")
 @click.option("--shard-size", default=5000, show_default=True, help="Most samples per shard.")

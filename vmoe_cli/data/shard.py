@@ -58,6 +58,7 @@ ENCODINGS = ("keep", "png", "jpg")
 EVAL_TEST_FRACTION = 0.2  # test hold-out when an evaluation command shards a source that has no test split
 TICK_EVERY = 64  # samples between progress reports from a shard task
 RERUN = "free space or fix the folder, then rerun the same command (finished shards are kept)"
+ANOTHER = "pass --overwrite or another --out"
 PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent dies
 
 
@@ -153,15 +154,17 @@ def write_shards(
             if plan_only:
                 return _manifest(job, tasks, _planned(tasks))
             writer = _Writer(plan, options, job["classes"], None)
-            return _write_all(writer, tasks, {}, job, workers, max_skipped, progress, say)
+            return _write_all(writer, tasks, {}, job, workers, max_skipped, progress, None)
     out = Path(out_dir)
     previous = _prepare(out, job, overwrite)
     if previous is not None and (out / MANIFEST).is_file():
         return previous
     folder = out / STATE_DIR / "plan"
-    plan = load_plan(folder, source) or build_plan(source, options, folder, progress)
+    plan = load_plan(folder, source)
+    resumed = plan is not None  # a previous run planned (and perhaps wrote part of) this job
+    plan = plan or build_plan(source, options, folder, progress)
     job["classes"] = _class_names(source, plan)
-    if previous is not None and previous["classes"] not in (None, job["classes"]):
+    if previous is not None and previous.get("classes") not in (None, job["classes"]):
         raise VmoeError(f"{out}: holds shards of a different job ({_difference(previous, job)}); {ANOTHER}")
     _write_json(out / STATE_DIR / "job.json", job)
     tasks = _tasks(plan, job)
@@ -169,16 +172,13 @@ def write_shards(
     if plan_only:
         return _manifest(job, tasks, {**_planned(tasks), **records})
     writer = _Writer(plan, options, job["classes"], out)
-    manifest = _write_all(writer, tasks, records, job, workers, max_skipped, progress, say)
+    manifest = _write_all(writer, tasks, records, job, workers, max_skipped, progress, say if resumed else None)
     _write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
 
 
-ANOTHER = "pass --overwrite or another --out"
-
-
-def plan_samples(tasks: list[ShardTask]) -> int:
+def _inputs(tasks: list[ShardTask]) -> int:
     """Inputs planned into `tasks` (samples, before any is skipped)."""
     return sum(task.end - task.first for task in tasks)
 
@@ -290,13 +290,14 @@ def _write_all(
     progress: ProgressFn | None,
     say: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    """Write (or, without an output folder, validate) the shards not in `records`; the manifest of all of them,
-    with sizes.json and skipped.jsonl written beside the shards, checked against `max_skipped`."""
+    """Write (or, without an output folder, validate) the shards not in `records`, telling `say` how many are
+    already written; the manifest of all of them, with sizes.json and skipped.jsonl written beside the shards,
+    checked against `max_skipped`."""
     todo = [task for task in tasks if task.file not in records]
-    if records and todo and say is not None:
+    if todo and say is not None:
         say(f"resuming: {len(records)} of {len(tasks)} shards already written")
-    total = plan_samples(tasks)
-    report = _Report(progress, total - plan_samples(todo), total)
+    total = _inputs(tasks)
+    report = _Report(progress, total - _inputs(todo), total)
     if workers == 1 or len(todo) <= 1:
         report(0)
         records = {**records, **{task.file: _write_shard(task, writer, report) for task in todo}}
