@@ -32,20 +32,28 @@ from vmoe_cli.data.augment import AugmentConfig
 from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.loader import build_loader
 from vmoe_cli.data.manifest import FORMAT, MANIFEST, read_manifest
+from vmoe_cli.data.plan import build_plan
 from vmoe_cli.data.shard import ShardOptions, write_shards
-from vmoe_cli.data.sources import ArrayItem, FileItem, Source, open_source
+from vmoe_cli.data.sources import ArrayItem, FileItem, Item, Source, open_source
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_AUGMENT = AugmentConfig(crop_scale=[0.35, 1.0], flip=True, randaugment_ops=2, randaugment_magnitude=9)
 
 
-def naive_shard(source: Source, out: Path, shard_size: int) -> int:
+def listed(source: Source) -> tuple[list[str], dict[str, list[Item]]]:
+    """The classes and every item of each listed split (read from a plan, in its seeded order)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = build_plan(source, ShardOptions(), Path(tmp) / "plan")
+        return plan.classes, {split: plan.items(split, 0, bounds[-1]) for split, bounds in plan.bounds.items()}
+
+
+def naive_shard(classes: list[str], splits: dict[str, list[Item]], out: Path, shard_size: int) -> int:
     """The baseline: one process, one `ShardWriter` per split, PNG-encode and write each image in turn.
 
     Writes a vmoe-shards/1 manifest too (no checksums), so the loader can read the result. Returns images written.
     """
-    manifest = {"format": FORMAT, "classes": source.classes, "splits": {}}
-    for split, items in source.splits.items():
+    manifest = {"format": FORMAT, "classes": classes, "splits": {}}
+    for split, items in splits.items():
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
             for n, item in enumerate(items):
                 sink.write({"__key__": f"{split}_{n:08d}", "png": _png(item), "cls": str(item.label)})
@@ -56,7 +64,7 @@ def naive_shard(source: Source, out: Path, shard_size: int) -> int:
         ]
         manifest["splits"][split] = {"count": len(items), "shards": shards}
     (out / MANIFEST).write_text(json.dumps(manifest))
-    return sum(len(items) for items in source.splits.values())
+    return sum(len(items) for items in splits.values())
 
 
 def _png(item: ArrayItem | FileItem) -> bytes:
@@ -148,21 +156,22 @@ def main() -> None:
     args = parser.parse_args()
 
     source = open_source(args.source)
-    total = sum(len(items) for items in source.splits.values())
-    print(f"source: {source.spec} ({total} images, splits {', '.join(source.splits)}); torch threads 1")
+    classes, splits = listed(source)
+    total = sum(len(items) for items in splits.values())
+    print(f"source: {source.spec} ({total} images, splits {', '.join(splits)}); torch threads 1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         naive_dir, vmoe_dir = Path(tmp, "naive"), Path(tmp, "vmoe")
         naive_dir.mkdir(), vmoe_dir.mkdir()
-        naive_s, _ = timed(lambda: naive_shard(source, naive_dir, args.shard_size))
+        naive_s, _ = timed(lambda: naive_shard(classes, splits, naive_dir, args.shard_size))
         vmoe_s, written = timed(lambda: vmoe_shard(source, vmoe_dir, args.shard_size, args.shard_workers))
         print(f"\n{'sharding':<50} {'images/s':>10} {'vs naive':>9}")
         print(f"{'naive webdataset.ShardWriter loop':<50} {total / naive_s:>10.0f} {1.0:>8.2f}x")
         name = f"vmoe shard, {args.shard_workers} workers"
         print(f"{name:<50} {written / vmoe_s:>10.0f} {naive_s / vmoe_s * written / total:>8.2f}x")
 
-        eval_split = "test" if "test" in source.splits else "train"
+        eval_split = "test" if "test" in splits else "train"
         stock = stock_rate(vmoe_dir, eval_split, args.images)
         title = f"loading (up to {args.images} images, batch 128)"
         print(f"\n{title:<50} {'images/s':>10} {'vs stock':>9}")

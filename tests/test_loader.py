@@ -228,12 +228,14 @@ def test_stock_webdataset_reads_our_shards(tmp_path):
 def digits_shards(tmp_path_factory) -> tuple[Path, list]:
     """scikit-learn's digits through the vmoe shard writer; also returns the items in their shard order."""
     shard = pytest.importorskip("vmoe_cli.data.shard")
+    from vmoe_cli.data.plan import build_plan
     from vmoe_cli.data.sources import open_source
 
     source, options = open_source("digits"), shard.ShardOptions(shard_size=500)
     out = tmp_path_factory.mktemp("digits")
     shard.write_shards(source, out, options)
-    return out, shard.split_orders(source, options)["train"]
+    plan = build_plan(source, options, tmp_path_factory.mktemp("plan") / "plan")
+    return out, plan.items("train", 0, plan.bounds["train"][-1])
 
 
 def test_digits_round_trip_through_the_writer(digits_shards):

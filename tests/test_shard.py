@@ -1,5 +1,6 @@
 """`vmoe shard` and `vmoe shard-info`: sources, the shard format, bad inputs, resuming after a kill."""
 
+import contextlib
 import gzip
 import io
 import json
@@ -153,9 +154,13 @@ def test_kill_during_sharding_then_rerun_gives_the_uninterrupted_manifest(tmp_pa
     finished_before = len(list(killed.glob("*.tar")))
 
     options = ShardOptions(shard_size=40, minival=0.05)
-    first_call = []
-    resumed = write_shards(open_source("digits"), killed, options, progress=lambda d, t: first_call.append(d))
-    assert first_call[0] >= 40 * (finished_before - 1)  # finished shards were kept, not redone
+    calls, said = [], []
+    resumed = write_shards(
+        open_source("digits"), killed, options, progress=lambda *call: calls.append(call), say=said.append
+    )
+    assert {what for what, _, _ in calls} == {"writing"}  # the plan was kept: no listing, no planning again
+    assert calls[0][1] >= 40 * (finished_before - 1)  # finished shards were kept, not redone
+    assert re.fullmatch(r"resuming: \d+ of 46 shards already written", said[0])
     assert resumed == write_shards(open_source("digits"), clean, options, workers=2)
     assert (killed / "manifest.json").read_text() == (clean / "manifest.json").read_text()
     assert not list(killed.glob("*.tmp")) and not (killed / ".vmoe-shard").exists()
@@ -186,20 +191,60 @@ def test_a_failed_write_leaves_no_temp_file_and_a_rerun_finishes(tmp_path: Path,
     assert rerun.exit_code == 0 and (out / "manifest.json").is_file() and not list(out.glob("*.tmp"))
 
 
-def test_ctrl_c_of_a_pool_removes_the_temp_files_of_the_killed_workers(tmp_path: Path):
-    """Stopping the pool kills its workers mid-shard (no cleanup of their own): the parent removes their temps."""
+def _slow_job(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`vmoe shard` with 2 workers, started and waited for until both are mid-shard (seconds per shard)."""
     Image.new("L", (3000, 3000), 90).save(tmp_path / "big.png")  # ~40 ms to decode: shards of 50 take seconds
     (tmp_path / "list.csv").write_text("path,label\n" + "big.png,a\n" * 200)
     out = tmp_path / "out"
     args = ["shard", str(tmp_path / "list.csv"), "--out", str(out), "--shard-size", "50", "--workers", "2"]
-    process = subprocess.Popen([sys.executable, "-c", "from vmoe_cli.cli import main; main()", *args])
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from vmoe_cli.cli import main; main()", *args, "--validate", "full"]
+    )
     deadline = time.monotonic() + 120
     while len(list(out.glob("*.tar.*.tmp"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(list(out.glob("*.tar.*.tmp"))) == 2 and not list(out.glob("*.tar")), "both workers mid-shard"
+    return process, out
+
+
+def test_ctrl_c_of_a_pool_removes_the_temp_files_of_the_killed_workers(tmp_path: Path):
+    """Stopping the pool kills its workers mid-shard (no cleanup of their own): the parent removes their temps."""
+    process, out = _slow_job(tmp_path)
     process.send_signal(signal.SIGINT)  # the parent only, as a terminal's Ctrl-C reaches it (workers ignore it)
     assert process.wait(timeout=60) == 130
     assert not list(out.glob("*.tmp"))
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the workers in /proc")
+def test_kill_9_of_the_main_process_leaves_no_worker(tmp_path: Path):
+    """The workers, busy mid-shard, die with the main process (their shards would take seconds more)."""
+    process, out = _slow_job(tmp_path)
+    workers = _children(process.pid)
+    assert len(workers) >= 2
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 3
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(map(_running, workers)), "a worker outlived the main process"
 
 
 def test_shard_bytes_bounds_each_shard(tmp_path: Path):
@@ -258,11 +303,23 @@ def test_threshold_fails_then_a_higher_one_finishes_without_redoing(folder: Path
     assert failed.exit_code == 2 and failed.stderr.count("\n") == 1
     assert "3 of 9 inputs were skipped, more than --max-skipped 0.2" in failed.stderr
     assert not (out / "manifest.json").exists() and (out / "skipped.jsonl").read_text().count("\n") == 3
-    assert CliRunner().invoke(main, [*args[:-1], "0.5"]).exit_code == 0
+    finished = CliRunner().invoke(main, [*args[:-1], "0.5"])
+    assert finished.exit_code == 0 and "; 0 images read in " in finished.stdout
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "empty.png").write_bytes(b"")
     nothing = CliRunner().invoke(main, ["shard", str(tmp_path / "bad"), "--out", str(tmp_path / "o2")])
     assert nothing.exit_code == 2 and "no usable image: all 1 inputs were skipped" in nothing.stderr
+
+
+def test_a_rerun_says_where_it_resumes_and_counts_only_its_own_images(folder: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    args = ["shard", str(folder), "--out", str(out), "--workers", "1", "--shard-size", "2", "--max-skipped", "0.2"]
+    assert CliRunner().invoke(main, args).exit_code == 2  # all 5 shards written, then too many skipped: state kept
+    (out / "train-000001.tar").unlink()
+    rerun = CliRunner().invoke(main, [*args[:-1], "0.5"])
+    assert rerun.exit_code == 0, rerun.output
+    assert "resuming: 4 of 5 shards already written\n" in rerun.stderr
+    assert "; 2 images read in " in rerun.stdout  # the rewritten shard's, not all 9
 
 
 def test_dry_run_counts_and_writes_nothing(folder: Path, tmp_path: Path):

@@ -99,6 +99,10 @@ def _card_table(title: str, card: dict[str, object], caption: str = "") -> Table
 @click.option("--test", default=0.0, show_default=True, help="Fraction of train held out as 'test' (digits has none).")
 @click.option("--encoding", type=click.Choice(["keep", "png", "jpg"]), default="keep", show_default=True,
               help="keep: store JPEG/PNG/WebP bytes as they are (other formats and arrays become PNG).")  # fmt: skip
+@click.option("--validate", type=click.Choice(["fast", "full", "none"]), default="fast", show_default=True,
+              help="How keep checks an image it stores as it is. fast: its structure (baseline JPEG headers and "
+                   "markers, PNG checksums), decoding what fails or has no such check; full: decode every image; "
+                   "none: the header only.")  # fmt: skip
 @click.option("--quality", default=95, show_default=True, help="JPEG quality when encoding to jpg.")
 @click.option("--resize", type=int, help="Shrink images so the shorter side is this many pixels (never enlarges).")
 @click.option("--shard-size", default=5000, show_default=True, help="Most samples per shard.")
@@ -109,67 +113,71 @@ def _card_table(title: str, card: dict[str, object], caption: str = "") -> Table
 @click.option("--workers", default=os.cpu_count() or 1, show_default="CPU cores", help="Processes writing shards.")
 @click.option("--max-skipped", type=float, help="Fail when more than this fraction of the inputs is unusable.")
 @click.option("--overwrite", is_flag=True, help="Replace the shards of a different job in --out.")
-@click.option("--dry-run", is_flag=True, help="Read and validate every input, count, write nothing.")
-def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, overwrite: bool, dry_run: bool,
-          class_names: str | None, shard_bytes: str | None, **options: object) -> None:  # fmt: skip
+@click.option("--plan-only", is_flag=True,
+              help="List the source and plan the shards, reading no image; print the plan and keep it in --out, "
+                   "where the run that writes the shards starts from it.")  # fmt: skip
+@click.option("--dry-run", is_flag=True,
+              help="Write nothing. Reads and validates every input (decoding as --validate says) and counts; "
+                   "with --plan-only, only prints the plan.")  # fmt: skip
+def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, overwrite: bool, plan_only: bool,
+          dry_run: bool, class_names: str | None, shard_bytes: str | None, **options: object) -> None:  # fmt: skip
     """Shard SOURCE into WebDataset tars in --out, with manifest.json, sizes.json and skipped.jsonl.
 
     SOURCE is 'digits' (scikit-learn's 8x8 digits), an MNIST-style IDX folder (train-/t10k-images-idx3-ubyte[.gz]
     and labels), a folder with one sub-folder per class (optionally under train/ and val/ or test/), or a
     .csv/.tsv/.jsonl list with path and label columns (and optionally split). Rerunning an interrupted command
-    finishes the job without redoing finished shards.
+    finishes the job without listing the source again or redoing finished shards.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeElapsedColumn
-
-    from vmoe_cli.data.manifest import MANIFEST
+    from vmoe_cli.data.manifest import MANIFEST, STATE_DIR
     from vmoe_cli.data.shard import ShardOptions, write_shards
     from vmoe_cli.data.sources import open_source
-
-    class ImagesPerSecond(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} images/s")
 
     names = [name.strip() for name in class_names.split(",")] if class_names else None
     opts = ShardOptions(shard_bytes=_parse_bytes(shard_bytes) if shard_bytes else None, **options)
     src = open_source(source, class_names=names)
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeElapsedColumn())
-    progress = Progress(*columns, console=Console(stderr=True), transient=True)
-    bar = progress.add_task("dry run" if dry_run else "sharding", total=None)
-
-    def show(done: int, total: int) -> None:
-        if progress.console.is_terminal:  # a bar only for a person watching; logs get the summary
-            progress.start()  # on the first call: after the checks, so an early error is one line
-            progress.update(bar, completed=done, total=total)
-
     complete = (out_dir / MANIFEST).is_file() and not (overwrite or dry_run)
-    start = time.perf_counter()
+    start, first, last = time.perf_counter(), {}, {}
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
     try:
-        manifest = write_shards(
-            src, out_dir, opts, workers=workers, overwrite=overwrite, max_skipped=max_skipped, dry_run=dry_run,
-            progress=show,
-        )  # fmt: skip
+        with _progress_bar() as bar:
+
+            def show(what: str, done: int, total: int | None) -> None:
+                first.setdefault(what, done)
+                last[what] = done
+                bar(what, done, total)
+
+            manifest = write_shards(
+                src, out_dir, opts, workers=workers, overwrite=overwrite, max_skipped=max_skipped, dry_run=dry_run,
+                plan_only=plan_only, progress=show, say=say,
+            )  # fmt: skip
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to finish the job", err=True)
         raise SystemExit(130) from None
-    finally:
-        if progress.live.is_started:
-            progress.stop()
     seconds = time.perf_counter() - start
     if complete:
         click.echo(f"{out_dir}: already complete ({MANIFEST} is there); nothing to do")
         return
-    _console().print(_splits_table(f"{source} -> {out_dir}", manifest, "dry run: nothing written" if dry_run else ""))
-    processed = sum(info["count"] for info in manifest["splits"].values()) + manifest["skipped"]
-    click.echo(f"{len(manifest['classes'])} classes; {manifest['skipped']} inputs skipped", nl=False)
+    caption = "plan only: no image read" if plan_only else "dry run: nothing written" if dry_run else ""
+    _console().print(_splits_table(f"{source} -> {out_dir}", manifest, caption))
+    click.echo(f"{len(manifest['classes'])} classes", nl=False)
+    if plan_only:
+        kept = "nothing written" if dry_run else f"plan kept in {out_dir / STATE_DIR}"
+        click.echo(f"; listed and planned in {seconds:.1f} s; {kept}")
+        return
+    click.echo(f"; {manifest['skipped']} inputs skipped", nl=False)
     if manifest["skipped"] and manifest["report"]:
         click.echo(f" (reasons in {out_dir / manifest['report']})", nl=False)
-    click.echo(f"; {seconds:.1f} s, {processed / seconds:,.0f} images/s")
+    images = last.get("writing", 0) - first.get("writing", 0)  # this run's: a resumed job's earlier shards excluded
+    click.echo(f"; {images:,} images read in {seconds:.1f} s, {images / seconds:,.0f} images/s")
     for entry in manifest.get("skipped_inputs", [])[:20]:
         click.echo(f"  skipped {entry['id']}: {entry['reason']}")
 
 
 def _splits_table(title: str, manifest: dict, caption: str = "") -> Table:
-    """Samples, shards and bytes per split of a manifest."""
+    """Samples, shards and bytes per split of a manifest (or of a plan: no bytes)."""
     table = Table(title=title, caption=caption or None)
     for column in ("split", "samples", "shards", "bytes"):
         table.add_column(column, justify="left" if column == "split" else "right")

@@ -7,19 +7,24 @@ Layout of the output folder (the contract with the loader):
     manifest.json             written last: its presence means the job is complete
     sizes.json                shard file -> sample count (OpenCLIP style)
     skipped.jsonl             one {"id", "reason"} per input that could not be used
+    .vmoe-shard/              the job's state, removed once the manifest is written: job.json, the plan
+                              (`data/plan.py`) and done/, one record per finished shard
 
 The plan (which samples go to which shard, under which key) is a pure function of the source listing
-and `ShardOptions`, so a rerun after a crash recomputes it, keeps the shards already recorded as
-complete, and writes only the rest. Each shard is one task: read, validate and encode its own samples,
-write `{file}.{pid}.tmp`, rename it, then record it in `.vmoe-shard/done/`; a task that fails (a full
-disk) removes its temp file, and a job stopped by an error or Ctrl-C removes those of its other tasks. A
-bad image leaves its shard one sample short; it never moves another sample to a different shard or key.
-Images are stored as 8-bit grey or RGB: 16-bit, float, alpha, CMYK and the rest as `pixels.py` says.
+and `ShardOptions`. It is made once per job and kept in the state folder, so a rerun after a crash lists
+nothing again, keeps the shards recorded as complete, and writes only the rest. Each shard is one task: read
+its rows from the plan, then read, validate and encode its images, write `{file}.{pid}.tmp`, rename it, then
+record it in `.vmoe-shard/done/`; a task that fails (a full disk) removes its temp file, and a job stopped by an
+error or Ctrl-C removes those of its other tasks. A bad image leaves its shard one sample short; it never moves
+another sample to a different shard or key. Images are stored as 8-bit grey or RGB: 16-bit, float, alpha, CMYK
+and the rest as `pixels.py` says; images stored as they are, checked as `validate.py` says. Pool workers are
+spawned (they inherit nothing of the listing) and die with the main process, kill -9 included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import io
@@ -29,30 +34,32 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vmoe_cli.atomic import write_text_atomic
-from vmoe_cli.data.manifest import FORMAT, MANIFEST, STATE_DIR, file_sha256, read_manifest
+from vmoe_cli.data.manifest import FORMAT, MANIFEST, STATE_DIR, read_manifest
 from vmoe_cli.data.pixels import UnsupportedImage, is_plain, to_8bit
+from vmoe_cli.data.plan import SPLITS, Plan, ProgressFn, build_plan, load_plan
 from vmoe_cli.data.sources import ArrayItem, Item, Source, open_source
+from vmoe_cli.data.validate import VALIDATE_MODES, BadImage, check_kept, decode, open_image
 from vmoe_cli.errors import VmoeError
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> extension whose bytes we keep
 ENCODINGS = ("keep", "png", "jpg")
-SPLITS = ("train", "minival", "test")  # in manifest order
 EVAL_TEST_FRACTION = 0.2  # test hold-out when an evaluation command shards a source that has no test split
 TICK_EVERY = 64  # samples between progress reports from a shard task
 RERUN = "free space or fix the folder, then rerun the same command (finished shards are kept)"
-
-ProgressFn = Callable[[int, int], None]  # (inputs processed, inputs planned)
+ANOTHER = "pass --overwrite or another --out"
+PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class ShardOptions:
     """Every option that decides the shards' content; recorded in the manifest."""
 
     encoding: str = "keep"  # "keep" 8-bit JPEG/PNG/WebP bytes (others become PNG), or re-encode: "png", "jpg"
+    validate: str = "fast"  # how "keep" checks an image it stores as it is: "fast", "full" or "none" (validate.py)
     quality: int = 95  # JPEG quality when encoding to jpg (also when "keep" must re-encode a resized JPEG)
     resize: int | None = None  # shrink so the shorter side is this many pixels; smaller images are left alone
     shard_size: int = 5000  # most samples per shard
@@ -69,10 +77,11 @@ class ShardOptions:
     test: float = 0.0  # fraction of train held out as the 'test' split, for sources without one (digits)
     limit: int | None = None  # keep only the first N samples of each split (after the seeded shuffle)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Raise VmoeError naming the option when a value is impossible."""
-        if self.encoding not in ENCODINGS:
-            raise VmoeError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        for name, allowed in (("encoding", ENCODINGS), ("validate", VALIDATE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise VmoeError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         checks = [
             ("quality", 1 <= self.quality <= 100, "between 1 and 100"),
             ("resize", self.resize is None or self.resize >= 1, "at least 1"),
@@ -90,58 +99,23 @@ class ShardOptions:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard of the plan: its file and the samples it holds, the first under key number `first`."""
+    """One shard of the plan: samples `first` to `end` of its split's order (keys `first`...), in `file`."""
 
     split: str
     file: str
     first: int
-    items: tuple[Item, ...]
-
-    def digest(self, job: dict[str, Any]) -> str:
-        """sha256 of what this shard must contain, so a rerun can tell a finished shard from a stale one."""
-        content = [job, self.file, self.first, [(item.id, item.label) for item in self.items]]
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    end: int
+    digest: str  # sha256 of what this shard must contain, so a rerun can tell a finished shard from a stale one
 
 
-class BadImage(Exception):
-    """An input that cannot be used; the message is the reason written to skipped.jsonl."""
+@dataclass(frozen=True)
+class _Writer:
+    """What every shard task needs; a pool worker gets it once, at its start."""
 
-
-def split_orders(source: Source, options: ShardOptions) -> dict[str, list[Item]]:
-    """Each split's items in their final order: seeded shuffle, test then minival held out of train, --limit.
-
-    A test hold-out is refused when the source has its own test split, so a test set is never mixed.
-    """
-    if options.test > 0 and source.splits.get("test"):
-        raise VmoeError(f"--test: {source.spec} has its own test split; drop --test")
-    orders = {}
-    for i, split in enumerate(("train", "test")):
-        items = source.splits.get(split, [])
-        orders[split] = [items[j] for j in np.random.default_rng([options.seed, i]).permutation(len(items))]
-    for split, fraction in (("test", options.test), ("minival", options.minival)):
-        train = orders["train"]
-        if fraction > 0 and train:
-            held = min(len(train), max(1, round(fraction * len(source.splits["train"]))))
-            orders[split], orders["train"] = train[:held], train[held:]
-    return {split: orders[split][: options.limit] for split in SPLITS if orders.get(split)}
-
-
-def plan_shards(source: Source, options: ShardOptions) -> list[ShardTask]:
-    """Cut each split's order into shards of at most `shard_size` samples and (estimated) `shard_bytes`."""
-    tasks = []
-    for split, items in split_orders(source, options).items():
-        start, index = 0, 0
-        while start < len(items):
-            end, size = start, 1024  # a tar ends with two zero blocks, then pads to a whole record
-            while end < len(items) and end - start < options.shard_size:
-                if options.shard_bytes is not None:
-                    size += _estimated_tar_bytes(items[end])
-                    if end > start and -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE > options.shard_bytes:
-                        break
-                end += 1
-            tasks.append(ShardTask(split, f"{split}-{index:06d}.tar", start, tuple(items[start:end])))
-            start, index = end, index + 1
-    return tasks
+    plan: Plan
+    options: ShardOptions
+    classes: list[str]
+    out: Path | None  # None: validate only (a dry run)
 
 
 def write_shards(
@@ -153,57 +127,60 @@ def write_shards(
     overwrite: bool = False,
     max_skipped: float | None = None,
     dry_run: bool = False,
+    plan_only: bool = False,
     progress: ProgressFn | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Shard `source` into `out_dir` and return the manifest (see the module docstring for the layout).
 
-    Resumes an interrupted run of the same job; refuses a different job in a non-empty folder unless
-    `overwrite`. `dry_run` reads and validates every input, writes nothing and returns the would-be
-    manifest (no bytes or sha256) with the skipped inputs under "skipped_inputs". Raises VmoeError when
-    no sample is usable or more than `max_skipped` (a fraction) of the inputs were skipped.
+    Resumes an interrupted run of the same job (`say` is told how far it had come); refuses a different job in
+    a non-empty folder unless `overwrite`. `plan_only` lists and plans, keeps the plan in the state folder for
+    the run that writes the shards, reads no image, and returns the would-be manifest with planned counts.
+    `dry_run` writes nothing (the plan goes to a temporary folder); without `plan_only` it reads and validates
+    every input and returns the would-be manifest (no bytes or sha256) with the skipped inputs under
+    "skipped_inputs". `progress(phase, done, total)` reports the phases "listing", "planning" and "writing".
+    Raises VmoeError when no sample is usable or more than `max_skipped` (a fraction) of the inputs were skipped.
     """
-    options.validate()
+    options.check()
     if workers < 1:
         raise VmoeError(f"--workers must be at least 1, got {workers}")
-    job = {"format": FORMAT, "source": source.spec, "options": dataclasses.asdict(options), "classes": source.classes}
-    job = json.loads(json.dumps(job))  # the form it takes in a JSON file, so comparisons are exact
-    tasks = plan_shards(source, options)
-    out = None if dry_run else Path(out_dir)
-    records: dict[str, dict[str, Any]] = {}
-    if out is not None:
-        finished = _prepare(out, job, overwrite)
-        if finished is not None:
-            return finished
-        for task in tasks:
-            record = _finished_record(out, task, job)
-            if record is not None:
-                records[task.file] = record
-    todo = [task for task in tasks if task.file not in records]
-    total = sum(len(task.items) for task in tasks)
-    done = total - sum(len(task.items) for task in todo)
-    report = _Report(progress, done, total)
-    args = (options, source.classes, job, out)
-    if workers == 1 or len(todo) <= 1:
-        report(0)
-        for task in todo:
-            records[task.file] = _write_shard(task, *args, tick=report)
-    else:
-        records.update(_run_pool(todo, args, workers, report))
-    manifest = _manifest(job, tasks, records)
-    skipped = [entry for task in tasks for entry in records[task.file]["skipped"]]
-    if out is None:
-        manifest["report"], manifest["skipped_inputs"] = None, skipped
-    else:
-        _write_json(
-            out / "sizes.json",
-            {shard["file"]: shard["count"] for s in manifest["splits"].values() for shard in s["shards"]},
-        )
-        _write_text(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
-    _check_skipped(len(skipped), total, max_skipped, out)
-    if out is not None:
-        _write_json(out / MANIFEST, manifest)
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    job = {"format": FORMAT, "source": source.spec, "options": dataclasses.asdict(options)}
+    job = json.loads(json.dumps({**job, "classes": source.class_names}))  # as in a JSON file: comparisons are exact
+    if dry_run:
+        with tempfile.TemporaryDirectory(prefix="vmoe-plan-") as tmp:
+            plan = build_plan(source, options, Path(tmp) / "plan", progress)
+            job["classes"] = _class_names(source, plan)
+            tasks = _tasks(plan, job)
+            if plan_only:
+                return _manifest(job, tasks, _planned(tasks))
+            writer = _Writer(plan, options, job["classes"], None)
+            return _write_all(writer, tasks, {}, job, workers, max_skipped, progress, None)
+    out = Path(out_dir)
+    previous = _prepare(out, job, overwrite)
+    if previous is not None and (out / MANIFEST).is_file():
+        return previous
+    folder = out / STATE_DIR / "plan"
+    plan = load_plan(folder, source)
+    resumed = plan is not None  # a previous run planned (and perhaps wrote part of) this job
+    plan = plan or build_plan(source, options, folder, progress)
+    job["classes"] = _class_names(source, plan)
+    if previous is not None and previous.get("classes") not in (None, job["classes"]):
+        raise VmoeError(f"{out}: holds shards of a different job ({_difference(previous, job)}); {ANOTHER}")
+    _write_json(out / STATE_DIR / "job.json", job)
+    tasks = _tasks(plan, job)
+    records = {task.file: r for task in tasks if (r := _finished_record(out, task)) is not None}
+    if plan_only:
+        return _manifest(job, tasks, {**_planned(tasks), **records})
+    writer = _Writer(plan, options, job["classes"], out)
+    manifest = _write_all(writer, tasks, records, job, workers, max_skipped, progress, say if resumed else None)
+    _write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
+
+
+def _inputs(tasks: list[ShardTask]) -> int:
+    """Inputs planned into `tasks` (samples, before any is skipped)."""
+    return sum(task.end - task.first for task in tasks)
 
 
 def eval_shards(spec: str, cache_dir: str | Path, workers: int = 1) -> Path:
@@ -217,9 +194,10 @@ def eval_shards(spec: str, cache_dir: str | Path, workers: int = 1) -> Path:
         read_manifest(path)  # unfinished shards: one line naming the command to rerun
         return path
     source = open_source(spec)
-    options = ShardOptions(test=0.0 if source.splits.get("test") else EVAL_TEST_FRACTION)
-    listing = [[split, item.id, item.label] for split, items in source.splits.items() for item in items]
-    key = hashlib.sha256(json.dumps([source.spec, listing, dataclasses.asdict(options)]).encode()).hexdigest()
+    with tempfile.TemporaryDirectory(prefix="vmoe-plan-") as tmp:
+        listing = build_plan(source, ShardOptions(), Path(tmp) / "plan")
+    options = ShardOptions(test=0.0 if listing.listed["test"] else EVAL_TEST_FRACTION)
+    key = hashlib.sha256(json.dumps([source.spec, listing.digest, dataclasses.asdict(options)]).encode()).hexdigest()
     out = Path(cache_dir) / "shards" / key[:16]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_shards(source, out, options, workers=workers)  # returns at once when a previous call finished it
@@ -231,13 +209,16 @@ def encode_image(item: Item, options: ShardOptions) -> tuple[bytes, str]:
 
     Every stored image decodes, by a plain Pillow `convert`, to the 8-bit pixels of `pixels.to_8bit` (what a
     viewer shows), whoever reads it: `keep` keeps the input's bytes only when they already do (`is_plain`:
-    8 bits, no alpha, no transparent colour); other images are converted (under `keep`, stored as PNG).
+    8 bits, no alpha, no transparent colour), checked as `options.validate` says; other images are decoded and
+    converted (under `keep`, stored as PNG).
     """
-    raw, image = _load(item)
+    raw, image = _open(item)
     shrink = options.resize is not None and min(image.size) > options.resize
     kept = image.format in KEPT_FORMATS and is_plain(image)
     if options.encoding == "keep" and raw is not None and not shrink and kept:
+        check_kept(raw, image, options.validate)
         return raw, KEPT_FORMATS[image.format]
+    decode(image)
     ext = options.encoding if options.encoding != "keep" else ("jpg" if image.format == "JPEG" else "png")
     try:
         image = to_8bit(image)
@@ -256,7 +237,7 @@ def encode_image(item: Item, options: ShardOptions) -> tuple[bytes, str]:
 
 
 class _Report:
-    """Counts processed inputs and passes (done, total) to the caller's progress function."""
+    """Counts processed inputs and passes ("writing", done, total) to the caller's progress function."""
 
     def __init__(self, progress: ProgressFn | None, done: int, total: int) -> None:
         self.progress, self.done, self.total = progress, done, total
@@ -264,46 +245,103 @@ class _Report:
     def __call__(self, n: int) -> None:
         self.done += n
         if self.progress is not None:
-            self.progress(self.done, self.total)
+            self.progress("writing", self.done, self.total)
 
 
-def _estimated_tar_bytes(item: Item) -> int:
-    """Tar bytes of one sample: 3 headers + padded image, .cls and .json; the image at its input size."""
-    if isinstance(item, ArrayItem):
-        size = item.pixels.size
+def _class_names(source: Source, plan: Plan) -> list[str]:
+    """The job's class names: the source's, or `--class-names` (as many)."""
+    if source.class_names is None:
+        return plan.classes
+    if len(source.class_names) != len(plan.classes):
+        raise VmoeError(
+            f"--class-names: {source.spec} has {len(plan.classes)} classes, got {len(source.class_names)} names"
+        )
+    return source.class_names
+
+
+def _tasks(plan: Plan, job: dict[str, Any]) -> list[ShardTask]:
+    """The plan's shards, in manifest order, each with the digest of its content."""
+    tasks, job_digest = [], hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+    for split in (s for s in SPLITS if s in plan.bounds):
+        bounds = plan.bounds[split]
+        for index, (first, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            file = f"{split}-{index:06d}.tar"
+            content = json.dumps([job_digest, plan.digest, file, first, end]).encode()
+            tasks.append(ShardTask(split, file, first, end, hashlib.sha256(content).hexdigest()))
+    return tasks
+
+
+def _planned(tasks: list[ShardTask]) -> dict[str, dict[str, Any]]:
+    """Records of shards not yet written: their planned counts, no bytes, no class counts."""
+    return {
+        t.file: {"file": t.file, "count": t.end - t.first, "bytes": None, "sha256": None, "class_counts": {},
+                 "skipped": []}
+        for t in tasks
+    }  # fmt: skip
+
+
+def _write_all(
+    writer: _Writer,
+    tasks: list[ShardTask],
+    records: dict[str, dict[str, Any]],
+    job: dict[str, Any],
+    workers: int,
+    max_skipped: float | None,
+    progress: ProgressFn | None,
+    say: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Write (or, without an output folder, validate) the shards not in `records`, telling `say` how many are
+    already written; the manifest of all of them, with sizes.json and skipped.jsonl written beside the shards,
+    checked against `max_skipped`."""
+    todo = [task for task in tasks if task.file not in records]
+    if todo and say is not None:
+        say(f"resuming: {len(records)} of {len(tasks)} shards already written")
+    total = _inputs(tasks)
+    report = _Report(progress, total - _inputs(todo), total)
+    if workers == 1 or len(todo) <= 1:
+        report(0)
+        records = {**records, **{task.file: _write_shard(task, writer, report) for task in todo}}
     else:
-        try:
-            size = item.path.stat().st_size
-        except OSError:
-            size = 0  # it will be skipped
-    return 3 * 512 + -(-size // 512) * 512 + 2 * 512
+        records = {**records, **_run_pool(todo, writer, workers, report)}
+    manifest = _manifest(job, tasks, records)
+    skipped = [entry for task in tasks for entry in records[task.file]["skipped"]]
+    if writer.out is None:
+        manifest["report"], manifest["skipped_inputs"] = None, skipped
+    else:
+        shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+        _write_json(writer.out / "sizes.json", {shard["file"]: shard["count"] for shard in shards})
+        _write_text(writer.out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
+    _check_skipped(len(skipped), total, max_skipped, writer.out)
+    return manifest
 
 
 def _prepare(out: Path, job: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Make `out` ready for `job`; return the manifest when the same job already finished there."""
+    """Make `out` ready for `job`; return the previous run's job (its manifest when it finished), or None."""
     if out.exists() and not out.is_dir():
         raise VmoeError(f"{out}: exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise VmoeError(f"{out}: cannot create ({e.strerror})") from None
+    previous = None
     if overwrite:
         _clear(out)
     elif any(out.iterdir()):
         manifest, job_file = out / MANIFEST, out / STATE_DIR / "job.json"
         previous = _read_json(manifest) if manifest.is_file() else _read_json(job_file) if job_file.is_file() else None
-        if previous is None:
+        if not isinstance(previous, dict):
             raise VmoeError(f"{out}: not empty and not written by `vmoe shard` (choose an empty --out, or --overwrite)")
         difference = _difference(previous, job)
         if difference:
-            raise VmoeError(f"{out}: holds shards of a different job ({difference}); pass --overwrite or another --out")
+            raise VmoeError(f"{out}: holds shards of a different job ({difference}); {ANOTHER}")
         if manifest.is_file():
             return previous
     (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
-    _write_json(out / STATE_DIR / "job.json", job)
-    for stale in out.glob("*.tmp"):
-        stale.unlink(missing_ok=True)
-    return None
+    if previous is None:
+        _write_json(out / STATE_DIR / "job.json", job)  # marks the folder as this job's before the listing
+    for stale in [*out.glob("*.tmp"), *(out / STATE_DIR).glob("plan.tmp-*")]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return previous
 
 
 def _clear(out: Path) -> None:
@@ -316,9 +354,10 @@ def _clear(out: Path) -> None:
 
 
 def _difference(previous: dict[str, Any], job: dict[str, Any]) -> str:
-    """The first way `previous` differs from `job`, in words; '' when they are the same job."""
+    """The first way `previous` differs from `job`, in words; '' when they are the same job. Class names are
+    compared only when both are known (a job's are known once it is planned, or given by --class-names)."""
     for key in ("format", "source", "classes"):
-        if previous.get(key) != job[key]:
+        if previous.get(key) != job[key] and (key != "classes" or None not in (previous.get(key), job[key])):
             return f"{key} was {previous.get(key)!r}, now {job[key]!r}"
     old = previous.get("options", {})
     for key, value in job["options"].items():
@@ -327,38 +366,35 @@ def _difference(previous: dict[str, Any], job: dict[str, Any]) -> str:
     return ""
 
 
-def _finished_record(out: Path, task: ShardTask, job: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_record(out: Path, task: ShardTask) -> dict[str, Any] | None:
     """The record of a shard finished by an earlier run of this job, or None when it must be (re)written."""
     path = out / STATE_DIR / "done" / f"{task.file}.json"
     try:
         record = json.loads(path.read_text())
-        complete = record["digest"] == task.digest(job) and (out / task.file).stat().st_size == record["bytes"]
+        complete = record["digest"] == task.digest and (out / task.file).stat().st_size == record["bytes"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record if complete else None
 
 
-def _write_shard(
-    task: ShardTask,
-    options: ShardOptions,
-    classes: list[str],
-    job: dict[str, Any],
-    out: Path | None,
-    tick: Callable[[int], None],
-) -> dict[str, Any]:
-    """Write one shard (or, with `out` None, only validate its inputs) and return its record.
+def _write_shard(task: ShardTask, writer: _Writer, tick: Callable[[int], None]) -> dict[str, Any]:
+    """Write one shard (or, with no output folder, only validate its inputs) and return its record.
 
     The tar goes to `{file}.{pid}.tmp`, renamed once complete; whatever stops it (a full disk, Ctrl-C) removes
     the temp file, so a failed job leaves only finished shards behind.
     """
+    out = writer.out
     tmp = None if out is None else out / f"{task.file}.{os.getpid()}.tmp"
+    items = writer.plan.items(task.split, task.first, task.end)
     try:
         with open(tmp or os.devnull, "wb") as f:
-            record = _write_tar(task, options, classes, f, tick)
+            hashed = _Hashed(f)
+            record = _write_tar(task, items, writer, hashed, tick)
             if tmp is not None:
+                f.flush()
                 os.fsync(f.fileno())
         if tmp is not None:
-            record["bytes"], record["sha256"], record["digest"] = tmp.stat().st_size, file_sha256(tmp), task.digest(job)
+            record.update(bytes=hashed.size, sha256=hashed.sha256.hexdigest(), digest=task.digest)
             os.replace(tmp, out / task.file)
             _write_json(out / STATE_DIR / "done" / f"{task.file}.json", record)
     except OSError as e:
@@ -371,24 +407,39 @@ def _write_shard(
     return record
 
 
+class _Hashed:
+    """A file being written, with the sha256 and size of what was written (so the tar is not read again)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 def _write_tar(
-    task: ShardTask, options: ShardOptions, classes: list[str], f: Any, tick: Callable[[int], None]
+    task: ShardTask, items: list[Item], writer: _Writer, f: _Hashed, tick: Callable[[int], None]
 ) -> dict[str, Any]:
-    """Encode `task`'s samples as a tar into the open file `f`; the shard's record without bytes and sha256."""
+    """Encode `items` (the task's samples) as a tar into `f`; the shard's record without bytes and sha256."""
     count, class_counts, skipped, pending = 0, Counter(), [], 0
     with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for n, item in enumerate(task.items, task.first):
+        for n, item in enumerate(items, task.first):
             pending += 1
             if pending == TICK_EVERY:
                 tick(pending)
                 pending = 0
             try:
-                data, ext = encode_image(item, options)
+                data, ext = encode_image(item, writer.options)
             except BadImage as e:
                 skipped.append({"id": item.id, "reason": str(e)})
                 continue
             key = f"{task.split}_{n:08d}"
-            meta = {"id": item.id, "label": item.label, "label_name": classes[item.label]}
+            meta = {"id": item.id, "label": item.label, "label_name": writer.classes[item.label]}
             for suffix, payload in (
                 (ext, data),
                 ("cls", str(item.label).encode()),
@@ -397,7 +448,6 @@ def _write_tar(
                 _add_member(tar, f"{key}.{suffix}", payload)
             count += 1
             class_counts[str(item.label)] += 1
-    f.flush()
     tick(pending)
     record = {"file": task.file, "count": count, "bytes": None, "sha256": None, "class_counts": class_counts}
     return {**record, "skipped": skipped}
@@ -410,37 +460,51 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-_forked: tuple[list[ShardTask], tuple[Any, ...], Any] | None = None  # what pool workers inherit: tasks, args, queue
+_worker: tuple[_Writer, Any, int] | None = None  # in a pool worker: the writer, the progress queue, the parent's pid
 
 
-def _ignore_sigint() -> None:
-    """Pool worker setup: Ctrl-C is the parent's to handle (it terminates the pool)."""
+def _start_worker(parent: int, writer: _Writer, progress_queue: Any) -> None:
+    """Pool worker setup: die with the parent; Ctrl-C is the parent's to handle (it terminates the pool)."""
+    global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # the kernel kills us when the parent dies, kill -9 too
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _exit_if_orphaned(parent)  # it died before that was armed
+    _worker = (writer, progress_queue, parent)
 
 
-def _forked_write_shard(index: int) -> dict[str, Any]:
-    tasks, args, progress_queue = _forked
-    return _write_shard(tasks[index], *args, tick=progress_queue.put)
+def _exit_if_orphaned(parent: int) -> None:
+    """Exit at once when the main process is gone (the check behind the parent-death signal, and where none exists)."""
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _pool_write_shard(task: ShardTask) -> dict[str, Any]:
+    writer, progress_queue, parent = _worker
+
+    def tick(n: int) -> None:
+        _exit_if_orphaned(parent)
+        progress_queue.put(n)
+
+    return _write_shard(task, writer, tick)
 
 
 def _run_pool(
-    tasks: list[ShardTask], args: tuple[Any, ...], workers: int, report: Callable[[int], None]
+    tasks: list[ShardTask], writer: _Writer, workers: int, report: Callable[[int], None]
 ) -> dict[str, dict[str, Any]]:
-    """Run shard tasks on `workers` forked processes, and only then start reporting progress.
-
-    Fork: the workers inherit the plan, so a task is a shard number and no images go through pipes
-    (a big task in flight can hang Pool.terminate on Ctrl-C). They are forked before the first
-    progress report, so before the caller's progress bar starts its thread.
-    """
-    global _forked
-    ctx = multiprocessing.get_context("fork")
+    """Run shard tasks on `workers` spawned processes: each gets the writer (the plan's folder, not its rows) once,
+    and a task is a shard's bounds, so no rows or images go through pipes (a big task in flight can hang
+    Pool.terminate on Ctrl-C). Spawned, not forked: nothing of this process's memory is copied, and a thread
+    (the caller's progress display) running at that moment is harmless."""
+    ctx = multiprocessing.get_context("spawn")
     progress_queue = ctx.Queue()
-    _forked = (tasks, args, progress_queue)
     records = {}
     try:
-        with ctx.Pool(min(workers, len(tasks)), initializer=_ignore_sigint) as pool:
+        setup = (os.getpid(), writer, progress_queue)
+        with ctx.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=setup) as pool:
             report(0)
-            pending = [pool.apply_async(_forked_write_shard, (i,)) for i in range(len(tasks))]
+            pending = [pool.apply_async(_pool_write_shard, (task,)) for task in tasks]
             while pending:
                 with contextlib.suppress(queue.Empty):
                     report(progress_queue.get(timeout=0.1))
@@ -451,10 +515,8 @@ def _run_pool(
             while not progress_queue.empty():
                 report(progress_queue.get())
     except BaseException:
-        _remove_temps(args[3], tasks)  # args[3] is `out`; leaving `with` terminated and joined every worker
+        _remove_temps(writer.out, tasks)  # leaving `with` terminated and joined every worker
         raise
-    finally:
-        _forked = None
     return records
 
 
@@ -493,28 +555,19 @@ def _check_skipped(skipped: int, total: int, max_skipped: float | None, out: Pat
         raise VmoeError(f"{skipped} of {total} inputs were skipped, more than --max-skipped {max_skipped:g}{see}")
 
 
-def _load(item: Item) -> tuple[bytes | None, Image.Image]:
-    """The input's raw bytes (None for in-memory images) and its fully decoded image."""
+def _open(item: Item) -> tuple[bytes | None, Image.Image]:
+    """The input's raw bytes (None for in-memory images) and its image, opened (header parsed, not decoded)."""
     if isinstance(item, ArrayItem):
         return None, Image.fromarray(item.pixels)
     try:
         raw = item.path.read_bytes()
     except FileNotFoundError:
         raise BadImage("missing file") from None
-    except OSError as e:
-        raise BadImage(f"unreadable ({e.strerror})") from None
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL character
+        raise BadImage(f"unreadable ({getattr(e, 'strerror', None) or e})") from None
     if not raw:
         raise BadImage("zero-byte file")
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except Image.DecompressionBombError:
-        raise BadImage("image too large (Pillow's decompression-bomb limit)") from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"truncated or corrupt image ({e})") from None
-    return raw, image
+    return raw, open_image(raw)
 
 
 def _read_json(path: Path) -> Any:
