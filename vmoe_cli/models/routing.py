@@ -377,15 +377,16 @@ def sparsity_constrained_transport(
     """Quadratically regularised optimal transport (gamma 1) of N rows onto M columns, with at most k non-zeros in
     each column: rows of mass `row_mass`, columns of mass `column_mass`, cost = -similarity.  [G, N, M]
 
-    Solved through its semi-dual (Liu, Puigcerver and Blondel 2023): minimise over alpha (one per row)
-    F(alpha) = sum_m b_m max_k(alpha + similarity[:, m]) - <alpha, a>, whose gradient is the plan's row sums
-    minus a, with column m of the plan = b_m * sparse_simplex_projection((alpha + similarity[:, m]) / b_m, k).
+    Solved through its semi-dual (Liu, Puigcerver and Blondel 2023), with a = row_mass and b = column_mass:
+    minimise over alpha (one per row) F(alpha) = sum_m b max_k(alpha + similarity[:, m]) - <alpha, a>, whose
+    gradient is the plan's row sums minus a, column m of the plan being
+    b * sparse_simplex_projection((alpha + similarity[:, m]) / b, k).
     `iterations` Adam steps from alpha = 0, written out on tensors; no gradient flows through the solve.
     Each column of the result sums to `column_mass` with at most k non-zeros; its row sums approach `row_mass`.
     """
     beta1, beta2, eps = 0.9, 0.999, 1e-8  # Adam's defaults
     with torch.no_grad():
-        G, N, M = similarity_GNM.shape
+        G, N, _ = similarity_GNM.shape
         similarity_GMN = similarity_GNM.float().transpose(1, 2).contiguous()  # the projection runs along N
 
         def plan_GMN(alpha_G1N: Tensor) -> Tensor:
@@ -420,7 +421,8 @@ class SparsityConstrainedRouter(SinkhornRouter):
         gates_GSE = expert_softmax(logits_GSE)
         if self.cfg.kind.choice == "expert":
             return sparsity_constrained_transport(gates_GSE, capacity_, row_mass=1.0, column_mass=S / E)
-        transport_GES = sparsity_constrained_transport(gates_GSE.transpose(1, 2), self.cfg.k, S / E, 1.0)
+        gates_GES = gates_GSE.transpose(1, 2)
+        transport_GES = sparsity_constrained_transport(gates_GES, self.cfg.k, row_mass=S / E, column_mass=1.0)
         return transport_GES.transpose(1, 2)
 
 
