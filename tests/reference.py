@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -58,3 +61,26 @@ def einsum_moe(x_GSD: torch.Tensor, gates_GSE: torch.Tensor, k: int, capacity: i
     buffers = torch.einsum("gsec,gsd->egcd", dispatch, x_GSD).reshape(E, G * capacity, D)
     out = experts(buffers).view(E, G, capacity, D)
     return torch.einsum("egcd,gsec->gsd", out, combine)
+
+
+def simplex_projection(values: list[float]) -> list[float]:
+    """Euclidean projection onto the probability simplex: p = max(v - tau, 0) with tau found by bisection so that
+    p sums to 1 (no sorting, unlike the fast code)."""
+    low, high = min(values) - 1.0, max(values)  # the mass is >= 1 at low, 0 at high
+    for _ in range(200):
+        tau = (low + high) / 2
+        low, high = (tau, high) if sum(max(v - tau, 0.0) for v in values) > 1 else (low, tau)
+    return [max(v - (low + high) / 2, 0.0) for v in values]
+
+
+def sparse_simplex_projection(values: list[float], k: int) -> list[float]:
+    """The nearest point of the simplex with at most k non-zeros, by trying every support of k entries."""
+    best, best_distance = [], math.inf
+    for support in itertools.combinations(range(len(values)), k):
+        point = [0.0] * len(values)
+        for i, p in zip(support, simplex_projection([values[i] for i in support]), strict=True):
+            point[i] = p
+        distance = sum((p - v) ** 2 for p, v in zip(point, values, strict=True))
+        if distance < best_distance:
+            best, best_distance = point, distance
+    return best

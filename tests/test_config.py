@@ -42,7 +42,7 @@ def test_recipes_dir_holds_the_shipped_recipes():
         "vmoe-s32-last2-ft384",
         "vmoe-b16-every2-ft384",
     } <= names
-    assert len(names) == 29
+    assert len(names) == 30
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)

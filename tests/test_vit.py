@@ -51,6 +51,8 @@ FLOP_CASES = {
     "soft moe": nano(pool="gap", moe=MoEConfig(router="soft", num_experts=4, capacity_factor=1.0)),
     "sinkhorn token choice": nano(moe=MoEConfig(router="sinkhorn_token_choice", num_experts=4)),
     "sinkhorn expert choice": nano(moe=MoEConfig(router="sinkhorn_expert_choice", num_experts=4)),
+    "sparsity constrained": nano(moe=MoEConfig(router="sparsity_constrained", num_experts=4, capacity_factor=2.0)),
+    "sparsity constrained token choice": nano(moe=MoEConfig(router="sparsity_constrained_token_choice", num_experts=3)),
     "per image K=1": nano(moe=MoEConfig(router="per_image", layers="last-2", num_experts=4, k=1)),
     "per image K=2 tokens groups": nano(moe=MoEConfig(router="per_image", num_experts=3, k=2, group_size=20)),
     "moe groups of 20 tokens": nano(moe=MoEConfig(num_experts=3, group_size=20, capacity_factor=1.5)),

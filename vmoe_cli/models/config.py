@@ -49,6 +49,8 @@ ROUTER_KINDS = {
     "soft": RouterKind("soft"),  # Soft MoE: slots are softmax mixtures of one image's tokens
     "sinkhorn_token_choice": RouterKind("token"),  # top-K per token on a Sinkhorn transport plan
     "sinkhorn_expert_choice": RouterKind("expert"),  # top-C per expert on a Sinkhorn transport plan
+    "sparsity_constrained": RouterKind("expert"),  # top-C per expert on a transport plan with <= C tokens per expert
+    "sparsity_constrained_token_choice": RouterKind("token"),  # top-K per token on one with <= K experts per token
     "per_image": RouterKind("token", per_image=True),  # Mobile V-MoE: one top-K decision per image
 }
 RouterName = Literal[tuple(ROUTER_KINDS)]  # the recipe's vocabulary for `model.moe.router`, from the table above

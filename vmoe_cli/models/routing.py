@@ -1,7 +1,9 @@
 """Routers: which buffer slot of which expert each token goes to, and with what weight.
 
 Shape letters: G groups, S tokens per group, D token width, E experts, K choices per
-token, C capacity (slots per expert per group), Q a group's K*S choices in priority order.
+token, C capacity (slots per expert per group), Q a group's K*S choices in priority order;
+for a transport problem N rows onto M columns (tokens onto experts, or the transpose), and
+R any leading axes.
 
 A router returns a `Plan`: for each token of each group, K assignments, each sending the
 token to slot `slot_GSK` of expert `expert_GSK` with combine weight `weight_GSK`. A slot
@@ -9,8 +11,8 @@ token to slot `slot_GSK` of expert `expert_GSK` with combine weight `weight_GSK`
 `[E, G*C, D]` buffers by one gather and back by one gather and weighted sum.
 
 The file follows the V-MoE paper: capacity, the plan, token choice's plan, its auxiliary
-losses and router; then the alternatives (expert choice, Sinkhorn, per-image) and the table
-of routers by kind (`ROUTERS`, the kinds' facts being `models/config.py: ROUTER_KINDS`).
+losses and router; then the alternatives (expert choice, Sinkhorn, sparsity-constrained,
+per-image) and the table of routers by kind (`ROUTERS`, the kinds' facts being `models/config.py: ROUTER_KINDS`).
 
 Routing arithmetic runs in float32 whatever the model's precision, and nothing here
 synchronises with the host (no `.item()`, no boolean indexing), so the block can later
@@ -330,11 +332,15 @@ class SinkhornRouter(LinearRouter):
     """Sinkhorn token choice (top-K per token on the transport plan, BPR by its row max) or expert choice (top-C
     per expert on it); combine weights are the softmax of the logits, so the router learns through them."""
 
+    def transport(self, logits_GSE: Tensor, capacity_: int) -> Tensor:
+        """The plan the choice is made on (without gradient): here Sinkhorn's entropic one.  [G, S, E]"""
+        return sinkhorn_transport(logits_GSE)
+
     def forward(self, x_GSD: Tensor, image_logits_BE: Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
         C = group_capacity(cfg, x_GSD.shape[1])
         _, logits_GSE = self.logits(x_GSD)
-        transport_GSE = sinkhorn_transport(logits_GSE)
+        transport_GSE = self.transport(logits_GSE, C)
         gates_GSE = expert_softmax(logits_GSE)
         if cfg.kind.choice == "expert":
             plan = expert_choice_plan(transport_GSE, C)
@@ -343,6 +349,81 @@ class SinkhornRouter(LinearRouter):
         plan = token_choice_plan(transport_GSE, cfg.k, C, cfg.bpr)
         plan.weight_GSK = gates_GSE.gather(2, plan.expert_GSK)
         return RouterOutput(plan, logits_GSE.new_zeros(()), lambda: _token_choice_metrics(plan), logits_GSE)
+
+
+# ------------------------------------------------------------------------------------------------- sparsity-constrained
+
+
+def sparse_simplex_projection(x_RN: Tensor, k: int) -> Tensor:
+    """Euclidean projection of each row onto the probability simplex, keeping at most k non-zeros.  [R, N]
+
+    Take the k largest entries u (descending; ties to the earlier entry); rho = the number of j with
+    u_j + (1 - sum_{l<=j} u_l) / j > 0, tau = (sum_{l<=rho} u_l - 1) / rho; p = max(u - tau, 0) on those k
+    entries, 0 elsewhere (Kyrillidis et al. 2013: the best k-sparse projection keeps the k largest entries).
+    """
+    k = min(k, x_RN.shape[-1])
+    u_RK, index_RK = torch.sort(x_RN, dim=-1, descending=True, stable=True)
+    u_RK, index_RK = u_RK[..., :k], index_RK[..., :k]
+    cumsum_RK = u_RK.cumsum(dim=-1)
+    j_K = torch.arange(1, k + 1, device=x_RN.device, dtype=x_RN.dtype)
+    rho_R1 = (u_RK + (1 - cumsum_RK) / j_K > 0).sum(dim=-1, keepdim=True).clamp(min=1)  # the condition holds
+    tau_R1 = (cumsum_RK.gather(-1, rho_R1 - 1) - 1) / rho_R1  # for a prefix of j, so counting it finds rho
+    return torch.zeros_like(x_RN).scatter_(-1, index_RK, (u_RK - tau_R1).clamp(min=0))
+
+
+def sparsity_constrained_transport(
+    similarity_GNM: Tensor, k: int, row_mass: float, column_mass: float, iterations: int = 20, lr: float = 1e-2
+) -> Tensor:
+    """Quadratically regularised optimal transport (gamma 1) of N rows onto M columns, with at most k non-zeros in
+    each column: rows of mass `row_mass`, columns of mass `column_mass`, cost = -similarity.  [G, N, M]
+
+    Solved through its semi-dual (Liu, Puigcerver and Blondel 2023), with a = row_mass and b = column_mass:
+    minimise over alpha (one per row) F(alpha) = sum_m b max_k(alpha + similarity[:, m]) - <alpha, a>, whose
+    gradient is the plan's row sums minus a, column m of the plan being
+    b * sparse_simplex_projection((alpha + similarity[:, m]) / b, k).
+    `iterations` Adam steps from alpha = 0, written out on tensors; no gradient flows through the solve.
+    Each column of the result sums to `column_mass` with at most k non-zeros; its row sums approach `row_mass`.
+    """
+    beta1, beta2, eps = 0.9, 0.999, 1e-8  # Adam's defaults
+    with torch.no_grad():
+        G, N, _ = similarity_GNM.shape
+        similarity_GMN = similarity_GNM.float().transpose(1, 2).contiguous()  # the projection runs along N
+
+        def plan_GMN(alpha_G1N: Tensor) -> Tensor:
+            return column_mass * sparse_simplex_projection((alpha_G1N + similarity_GMN) / column_mass, k)
+
+        alpha_G1N = similarity_GMN.new_zeros(G, 1, N)
+        mean_G1N, square_G1N = torch.zeros_like(alpha_G1N), torch.zeros_like(alpha_G1N)
+        for step in range(1, iterations + 1):
+            grad_G1N = plan_GMN(alpha_G1N).sum(dim=1, keepdim=True) - row_mass
+            mean_G1N.lerp_(grad_G1N, 1 - beta1)
+            square_G1N.lerp_(grad_G1N.square(), 1 - beta2)
+            denom_G1N = (square_G1N / (1 - beta2**step)).sqrt_().add_(eps)
+            alpha_G1N.addcdiv_(mean_G1N, denom_G1N, value=-lr / (1 - beta1**step))
+        return plan_GMN(alpha_G1N).transpose(1, 2)
+
+
+class SparsityConstrainedRouter(SinkhornRouter):
+    """Sparsity-constrained expert choice (Liu et al. 2024, "Routers in Vision MoE"): each expert takes its top-C
+    tokens on a transport plan of the softmax gates whose expert columns have at most C non-zeros. The token-choice
+    twin solves the transposed problem (at most K experts per token) and takes the top-K per token. No noise and
+    no auxiliary loss; combine weights are the softmax of the logits, as for Sinkhorn."""
+
+    @property
+    def sigma(self) -> float:
+        """No noise on the logits: the transport plan balances the experts."""
+        return 0.0
+
+    def transport(self, logits_GSE: Tensor, capacity_: int) -> Tensor:
+        """Tokens (mass 1) onto experts (mass S/E): each expert's column k-sparse with k = C, or, for token choice,
+        each token's row with k = K (the transposed problem).  [G, S, E]"""
+        S, E = logits_GSE.shape[1:]
+        gates_GSE = expert_softmax(logits_GSE)
+        if self.cfg.kind.choice == "expert":
+            return sparsity_constrained_transport(gates_GSE, capacity_, row_mass=1.0, column_mass=S / E)
+        gates_GES = gates_GSE.transpose(1, 2)
+        transport_GES = sparsity_constrained_transport(gates_GES, self.cfg.k, row_mass=S / E, column_mass=1.0)
+        return transport_GES.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------- per image
@@ -391,6 +472,8 @@ ROUTERS: dict[str, type[nn.Module]] = {  # every kind that places tokens (Soft M
     "expert_choice": ExpertChoiceRouter,
     "sinkhorn_token_choice": SinkhornRouter,
     "sinkhorn_expert_choice": SinkhornRouter,
+    "sparsity_constrained": SparsityConstrainedRouter,
+    "sparsity_constrained_token_choice": SparsityConstrainedRouter,
     "per_image": ImageChoiceRouter,
 }
 
