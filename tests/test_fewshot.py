@@ -186,7 +186,8 @@ def test_fewshot_cli_errors_are_one_line(tmp_path, monkeypatch, checkpoint, extr
     args = ["fewshot", "--checkpoint", checkpoint, "digits", "--cache-dir", str(tmp_path), "--pixels-size", "8"]
     result = CliRunner().invoke(main, [*args, *extra])
     assert result.exit_code == 2
-    assert result.output.count("\n") == 1 and message in result.output
+    *progress, error = result.output.splitlines()  # an error found after extraction follows its progress lines
+    assert error.startswith("error: ") and message in error and all(line.startswith("features ") for line in progress)
 
 
 @pytest.fixture(scope="module")

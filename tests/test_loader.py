@@ -18,7 +18,7 @@ from PIL import Image
 from vmoe_cli.cli import main
 from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, mixup
 from vmoe_cli.data.config import DataConfig
-from vmoe_cli.data.loader import _decoded_shard, build_loader, decode_image
+from vmoe_cli.data.loader import DECODED, build_loader, decode_image
 from vmoe_cli.data.manifest import read_manifest
 from vmoe_cli.errors import VmoeError
 
@@ -169,14 +169,30 @@ def test_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, worker
             )
         )  # fmt: skip
 
-    _decoded_shard.cache_clear()
+    DECODED.clear()
     for split, epoch, start in (("train", 1, 0), ("train", 2, 3), ("test", 0, 0)):
         plain, cached = batches(split, False, epoch, start), batches(split, True, epoch, start)
         assert len(plain) == len(cached) > 0
         for (x, y), (cx, cy) in zip(plain, cached, strict=True):
             assert torch.equal(x, cx) and torch.equal(y, cy)
-    assert _decoded_shard.cache_info().misses == 6  # 4 train + 2 test shards, decoded once each
-    assert _decoded_shard.cache_info().hits == 4  # the second train epoch
+    assert len(DECODED) == 6  # 4 train + 2 test shards, decoded once each
+
+
+def test_cache_fill_reports_progress_once(tmp_path):
+    """The cache fill tells `progress` the images decoded, shard by shard; a split already in memory says nothing."""
+    write_shards(tmp_path, {"train": [9, 7], "test": [5]})
+    calls = []
+
+    def progress(what, done, total, unit="images"):
+        calls.append((what, done, total, unit))
+
+    DECODED.clear()
+    for split in ("train", "train", "test"):
+        build_loader(tmp_path, split, DataConfig(cache=True), batch_size=2, image_size=SIZE, channels=1,
+                     train=split == "train", progress=progress)  # fmt: skip
+    train, test = "decode train (data.cache)", "decode test (data.cache)"
+    assert calls == [(train, 0, 16, "images"), (train, 9, 16, "images"), (train, 16, 16, "images"),
+                     (test, 0, 5, "images"), (test, 5, 5, "images")]  # fmt: skip
 
 
 def test_cache_rereads_a_rewritten_shard(tmp_path):

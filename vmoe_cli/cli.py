@@ -25,7 +25,9 @@ from vmoe_cli.allocator import keep_freed_memory
 from vmoe_cli.config import load_recipe
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.outputs import run_lock, writable_dir, writable_file
+from vmoe_cli.progress import Display, ProgressFn
 
+LOG_WIDTH = 100_000  # columns of a table printed to a log or pipe: a table takes only the width it needs
 SET_HELP = "Override a recipe value, e.g. --set model.moe.k=1 (the value is YAML; repeatable)."
 CACHE_DIR = click.option(
     "--cache-dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("VMOE_CACHE", "~/.cache/vmoe"),
@@ -181,7 +183,8 @@ def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int) ->
     """Counts per split and class of the shards in DIR, and problems for RANKS x WORKERS readers."""
     from vmoe_cli.data.manifest import shard_info
 
-    info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers)
+    with _progress_bar() as show:
+        info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers, progress=show)
     manifest = info["manifest"]
     splits = list(manifest["splits"])
     table = Table(title=f"{out_dir}: {manifest['source']}")
@@ -515,31 +518,16 @@ def convert_jax_command(
 
 
 @contextlib.contextmanager
-def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich bar on stderr, shown only on a terminal; yields `show(what, done, total)`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=True)  # fmt: skip
-    bars: dict[str, int] = {}
-
-    def show(what: str, done: int, total: int) -> None:
-        if progress.console.is_terminal:
-            progress.start()
-            if what not in bars:
-                bars[what] = progress.add_task(what, total=total)
-            progress.update(bars[what], completed=done, total=total)
-
-    try:
+def _progress_bar() -> Iterator[ProgressFn]:
+    """The command's progress display (vmoe_cli/progress.py): bars on a terminal, plain lines in a log."""
+    with Display() as show:
         yield show
-    finally:
-        if progress.live.is_started:
-            progress.stop()
 
 
 def _console() -> Console:
-    """Standard output for tables: the terminal's width, or 120 columns in a log or pipe (rich assumes 80)."""
-    return Console() if sys.stdout.isatty() else Console(width=120)
+    """Standard output for tables: the terminal's width, or wide enough for every cell in a log or pipe (rich
+    assumes 80 columns there and would wrap or cut cells)."""
+    return Console() if sys.stdout.isatty() else Console(width=LOG_WIDTH)
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vmoe_cli.errors import VmoeError
+from vmoe_cli.progress import ProgressFn
 
 MANIFEST = "manifest.json"
 FORMAT = "vmoe-shards/1"
@@ -76,9 +77,12 @@ def _well_formed(shard: Any) -> bool:
     )
 
 
-def shard_info(out_dir: str | Path, verify: bool = False, ranks: int = 1, workers: int = 1) -> dict[str, Any]:
+def shard_info(
+    out_dir: str | Path, verify: bool = False, ranks: int = 1, workers: int = 1, progress: ProgressFn | None = None
+) -> dict[str, Any]:
     """Counts per split and class, and problems: missing or (with `verify`) corrupt shards, shard counts
-    that do not spread evenly over `ranks` x `workers` readers, empty shards.
+    that do not spread evenly over `ranks` x `workers` readers, empty shards. With `verify`, `progress` is told
+    the bytes hashed after each shard.
 
     Returns {"manifest": ..., "problems": [str], "failed": [str]}; `failed` lists shards that are missing,
     the wrong size, or (with `verify`) whose sha256 differs from the manifest's.
@@ -87,12 +91,19 @@ def shard_info(out_dir: str | Path, verify: bool = False, ranks: int = 1, worker
         raise VmoeError(f"--ranks and --workers must be at least 1, got {ranks} and {workers}")
     manifest = read_manifest(out_dir)
     problems, failed = [], []
+    hashed, to_hash = 0, sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
+    show = progress if verify and progress is not None else None
+    if show is not None:
+        show(f"sha256 {out_dir}", 0, to_hash, "bytes")
     for split, info in manifest["splits"].items():
         problems += _spread_problems(split, info["shards"], ranks, workers)
         for shard in info["shards"]:
             reason = _shard_problem(Path(out_dir) / shard["file"], shard, verify)
             if reason:
                 failed.append(f"{shard['file']}: {reason}")
+            hashed += shard["bytes"]
+            if show is not None:
+                show(f"sha256 {out_dir}", hashed, to_hash, "bytes")
     return {"manifest": manifest, "problems": problems, "failed": failed}
 
 
