@@ -79,9 +79,9 @@ def _train(
             log = (step + 1) % cfg.log_every == 0 or step + 1 == run.total
             record = train_step(run, stream, step, log)
             step += 1
-            reporter.step(step)
             if record is not None:
                 reporter.train(_to_json(record), cfg.batch_size)
+            reporter.step(step)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
                 result = {"step": step, **evaluate(run, display)}
                 reporter.eval(result)
