@@ -342,7 +342,8 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
 
     writable_dir(out_dir, "--out")
     start = time.perf_counter()
-    done = run_quickstart(recipes, shards, out_dir, cache_dir, overrides, say=click.echo)
+    with _progress_bar() as show:
+        done = run_quickstart(recipes, shards, out_dir, cache_dir, overrides, say=click.echo, progress=show)
     for results in done["fewshot"].values():
         _console().print(fewshot_table(results))
     _console().print(sweep_table(done["sweep"]))

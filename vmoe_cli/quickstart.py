@@ -19,6 +19,7 @@ from vmoe_cli.eval.fewshot import load_backbone, write_results
 from vmoe_cli.eval.plots import plot_sweep
 from vmoe_cli.eval.probe import run_fewshot
 from vmoe_cli.eval.sweep import SweepOptions, make_grid, sweep
+from vmoe_cli.progress import ProgressFn
 from vmoe_cli.train.loop import pretrain
 from vmoe_cli.train.report import read_metrics
 
@@ -34,10 +35,12 @@ def run_quickstart(
     cache_dir: str | Path = "~/.cache/vmoe",
     overrides: Sequence[str] = (),
     say: Callable[[str], None] = print,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Run every step into `out`; return the artefact paths, the few-shot results and the sweep results.
 
-    `overrides` are `--set` values applied to both recipes (e.g. train.steps=50 for a smoke run).
+    `overrides` are `--set` values applied to both recipes (e.g. train.steps=50 for a smoke run); `progress` is
+    told how feature extraction and the sweep go.
     """
     out, shards = Path(out), Path(shards)
     say(f"[1/4] shard digits -> {shards}")
@@ -53,13 +56,13 @@ def run_quickstart(
     for name, checkpoint in (("pixels", "pixels"), *((n, str(runs[n])) for n in TWINS)):
         say(f"[3/4] few-shot probe of {name} on {shards}")
         backbone = load_backbone(checkpoint, pixels_size=8)
-        results = run_fewshot(backbone, [str(shards)], cache_dir=cache_dir)
+        results = run_fewshot(backbone, [str(shards)], cache_dir=cache_dir, progress=progress)
         fewshot[name] = results
         write_results(results, out / "fewshot" / f"{name}.json")
     say(f"[4/4] capacity sweep of digits-vmoe on {shards} (test), dense twin as baseline -> {out / 'sweep'}")
     points = make_grid([1, 2], CAPACITIES, [True, False])
     swept = sweep(runs["digits-vmoe"], str(shards), points, out / "sweep", SweepOptions(), runs["digits-vit"],
-                  cache_dir)  # fmt: skip
+                  cache_dir, progress)  # fmt: skip
     plot = plot_sweep(swept, out / "sweep" / "sweep.png")
     artefacts = {
         "shards": shards, **{f"run {n}": runs[n] for n in TWINS},

@@ -149,11 +149,15 @@ def _per_point(
     results = [save.state["points"][p.name] for p in points]
     phase = f"{'time and few-shot' if options.fewshot_shots else 'time'} {len(points)} settings"
 
+    def measured(result: dict[str, Any]) -> bool:
+        return "images_per_s" in result and (not options.fewshot_shots or "fewshot_top1" in result)
+
     def tell() -> None:
         if progress is not None:
-            done = sum("images_per_s" in r and (not options.fewshot_shots or "fewshot_top1" in r) for r in results)
-            progress(phase, done, len(points), "settings")
+            progress(phase, sum(map(measured, results)), len(points), "settings")
 
+    if all(map(measured, results)):
+        return
     tell()
     for p, result in zip(points, results, strict=True):
         if "images_per_s" not in result:
