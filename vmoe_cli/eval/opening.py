@@ -102,8 +102,8 @@ def eval_batches(
     split: str,
     batch_size: int,
     preprocess: Preprocess,
+    what: str,
     progress: ProgressFn | None = None,
-    what: str = "evaluate",
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """The `eval_loader` batches of `split`, telling `progress` the images done (as phase `what` DATA SPLIT)
     before the first and after each one is used."""

@@ -93,7 +93,7 @@ def extract(
     """Features `[N, F]` float32 and labels `[N]` of every sample of `split`, in manifest order."""
     model = None if backbone.model is None else backbone.model.to(device).eval()
     feats, labels = [], []
-    for images, y in eval_batches(source, split, batch_size, backbone.preprocess, progress, "features"):
+    for images, y in eval_batches(source, split, batch_size, backbone.preprocess, "features", progress):
         if model is None:
             feats.append(images.flatten(1).numpy())  # [B, C*H*W]
         else:

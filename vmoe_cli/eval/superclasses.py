@@ -44,7 +44,7 @@ def confusion_matrix(
         )
     model = opened.model.to(device).eval()
     counts = np.zeros(classes * classes, dtype=np.int64)
-    for images, labels in eval_batches(source, split, batch_size, opened.preprocess, progress, "confusions"):
+    for images, labels in eval_batches(source, split, batch_size, opened.preprocess, "confusions", progress):
         predicted = model(images.to(device)).logits.argmax(dim=1).cpu().numpy()
         counts += np.bincount(labels.numpy() * classes + predicted, minlength=classes * classes)
     return counts.reshape(classes, classes)

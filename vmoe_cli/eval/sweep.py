@@ -311,7 +311,7 @@ def _baseline(
     """The dense twin's point: plain top-1, GFLOPs and timing."""
     opened = open_checkpoint(checkpoint, "--baseline")
     model = opened.model.to(options.device)
-    batches = eval_batches(source, options.split, options.batch_size, opened.preprocess, progress, "baseline")
+    batches = eval_batches(source, options.split, options.batch_size, opened.preprocess, "baseline", progress)
     correct = total = 0
     with torch.inference_mode():
         for x, y in batches:
