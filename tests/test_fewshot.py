@@ -4,6 +4,8 @@ the feature cache and its invalidation, the CLI's table, JSON and CSV, and one-l
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,17 +13,30 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from vmoe_cli.checkpoint import save_checkpoint
 from vmoe_cli.cli import main
 from vmoe_cli.config import load_recipe
-from vmoe_cli.data.manifest import read_manifest
+from vmoe_cli.data.augment import eval_view
+from vmoe_cli.data.manifest import file_sha256, read_manifest
 from vmoe_cli.data.shard import ShardOptions, eval_shards, write_shards
 from vmoe_cli.data.sources import open_source
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.fewshot import load_backbone
-from vmoe_cli.eval.probe import BIAS, L2_GRID, Features, Ridge, dataset_features, probe, sample_indices
+from vmoe_cli.eval.opening import Preprocess
+from vmoe_cli.eval.probe import (
+    BIAS,
+    FEATURES_VERSION,
+    L2_GRID,
+    Backbone,
+    Features,
+    Ridge,
+    dataset_features,
+    probe,
+    sample_indices,
+)
 from vmoe_cli.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +201,8 @@ def test_fewshot_cli_errors_are_one_line(tmp_path, monkeypatch, checkpoint, extr
     args = ["fewshot", "--checkpoint", checkpoint, "digits", "--cache-dir", str(tmp_path), "--pixels-size", "8"]
     result = CliRunner().invoke(main, [*args, *extra])
     assert result.exit_code == 2
-    assert result.output.count("\n") == 1 and message in result.output
+    *progress, error = result.output.splitlines()  # an error found after extraction follows its progress lines
+    assert error.startswith("error: ") and message in error and all(line.startswith("features ") for line in progress)
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +266,29 @@ def test_a_routed_models_features_are_cached_per_batch_size(tmp_path_factory, di
     pixels = load_backbone("pixels", pixels_size=8)  # no routing: one entry serves every batch size
     dataset_features(pixels, digits_eval, tmp_path, batch_size=64)
     assert dataset_features(pixels, digits_eval, tmp_path, batch_size=256).cached
+
+
+def test_a_checkpoints_eval_crop_reaches_its_features_in_their_own_cache_entry(
+    tiny_checkpoint, digits_eval, tmp_path_factory, tmp_path
+):
+    """data.eval_crop_pct is read from a checkpoint's recipe (absent: squash, as before), and evaluation reads the
+    images centre-cropped; the features get their own cache entry, the squashed ones keep their old key."""
+    run = tmp_path_factory.mktemp("crop")
+    recipe = load_recipe(ROOT / "recipes" / "digits-vit.yaml", ["data.eval_crop_pct=0.5"])
+    save_checkpoint(run, 1, VisionTransformer(recipe.model).state_dict(), recipe, {}, keep_last=1)
+    assert load_backbone(str(run)).preprocess.crop_pct == 0.5
+    assert load_backbone(str(tiny_checkpoint)).preprocess.crop_pct is None
+
+    squash = Preprocess(8, 1, 0.0, 1.0)  # features = the pixels / 255
+    squashed = dataset_features(Backbone("pixels", "raw", None, squash), digits_eval, tmp_path)
+    crop = dataclasses.replace(squash, crop_pct=0.5)
+    cropped = dataset_features(Backbone("pixels", "raw", None, crop), digits_eval, tmp_path)
+    assert not cropped.cached and len(list((tmp_path / "features").glob("*.npz"))) == 2
+    digits = np.round(squashed.test_x * 255).astype(np.uint8).reshape(-1, 8, 8)  # 8 x 8 digits: squash is identity
+    expected = np.stack([np.asarray(eval_view(Image.fromarray(d), 8, 0.5), np.float32) / 255 for d in digits])
+    assert np.allclose(cropped.test_x, expected.reshape(len(digits), 64), atol=1e-6)
+    assert not np.allclose(cropped.test_x, squashed.test_x)
+    manifest = file_sha256(Path(digits_eval) / "manifest.json")
+    identity = [FEATURES_VERSION, "raw", manifest, 8, 1, 0.0, 1.0, None]  # the key before eval_crop_pct existed
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+    assert (tmp_path / "features" / f"{key}.npz").is_file()

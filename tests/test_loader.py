@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vmoe_cli.cli import main
-from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, mixup
+from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, eval_view, mixup
 from vmoe_cli.data.config import DataConfig
-from vmoe_cli.data.loader import _decoded_shard, build_loader, decode_image
+from vmoe_cli.data.loader import DECODED, build_loader, decode_image
 from vmoe_cli.data.manifest import read_manifest
 from vmoe_cli.errors import VmoeError
 
@@ -169,14 +169,30 @@ def test_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, worker
             )
         )  # fmt: skip
 
-    _decoded_shard.cache_clear()
+    DECODED.clear()
     for split, epoch, start in (("train", 1, 0), ("train", 2, 3), ("test", 0, 0)):
         plain, cached = batches(split, False, epoch, start), batches(split, True, epoch, start)
         assert len(plain) == len(cached) > 0
         for (x, y), (cx, cy) in zip(plain, cached, strict=True):
             assert torch.equal(x, cx) and torch.equal(y, cy)
-    assert _decoded_shard.cache_info().misses == 6  # 4 train + 2 test shards, decoded once each
-    assert _decoded_shard.cache_info().hits == 4  # the second train epoch
+    assert len(DECODED) == 6  # 4 train + 2 test shards, decoded once each
+
+
+def test_cache_fill_reports_progress_once(tmp_path):
+    """The cache fill tells `progress` the images decoded, shard by shard; a split already in memory says nothing."""
+    write_shards(tmp_path, {"train": [9, 7], "test": [5]})
+    calls = []
+
+    def progress(what, done, total, unit="images"):
+        calls.append((what, done, total, unit))
+
+    DECODED.clear()
+    for split in ("train", "train", "test"):
+        build_loader(tmp_path, split, DataConfig(cache=True), batch_size=2, image_size=SIZE, channels=1,
+                     train=split == "train", progress=progress)  # fmt: skip
+    train, test = "decode train (data.cache)", "decode test (data.cache)"
+    assert calls == [(train, 0, 16, "images"), (train, 9, 16, "images"), (train, 16, 16, "images"),
+                     (test, 0, 5, "images"), (test, 5, 5, "images")]  # fmt: skip
 
 
 def test_cache_rereads_a_rewritten_shard(tmp_path):
@@ -203,6 +219,40 @@ def test_round_trip_pixels_and_labels_exact(tmp_path):
     assert images.dtype == torch.uint8 and images.shape == (11, 3, SIZE, SIZE)
     assert torch.equal(labels, torch.arange(11))
     assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(pixels))
+
+
+def test_eval_view_squashes_by_default_and_centre_crops_with_crop_pct():
+    """A 64 x 40 photo-like image at 32 px: squashed whole, or (crop_pct 0.875) its shorter side resized to
+    floor(32 / 0.875) = 36, the longer to int(36 * 64 / 40) = 57, and the centre 32 x 32 cut at (12, 2)."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 64)[None, :, None] + np.linspace(0, 80, 40)[:, None, None]
+    img = Image.fromarray(np.clip(ramp + rng.normal(0, 20, (40, 64, 3)), 0, 255).astype(np.uint8))
+    bilinear = Image.Resampling.BILINEAR
+    squashed = img.resize((32, 32), bilinear)
+    cropped = img.resize((57, 36), bilinear).crop((12, 2, 44, 34))  # (57 - 32) / 2 = 12.5 rounds to even
+    assert np.array_equal(np.asarray(eval_view(img, 32, None)), np.asarray(squashed))
+    assert np.array_equal(np.asarray(eval_view(img, 32, 0.875)), np.asarray(cropped))
+    tall = img.transpose(Image.Transpose.ROTATE_90)  # 40 x 64: the same cut, turned
+    cropped = tall.resize((36, 57), bilinear).crop((2, 12, 34, 44))
+    assert np.array_equal(np.asarray(eval_view(tall, 32, 0.875)), np.asarray(cropped))
+    assert np.array_equal(np.asarray(eval_view(squashed, 32, 1.0)), np.asarray(squashed))  # a square at size: as is
+
+
+def test_eval_crop_pct_reaches_evaluation_batches_only(tmp_path):
+    """data.eval_crop_pct: evaluation batches centre-cropped as eval_view says; training unchanged; out of range
+    is a one-line error naming the key."""
+    pixels = write_shards(tmp_path, {"train": [4], "test": [5]})
+    options = {"batch_size": 5, "image_size": SIZE, "channels": 1, "raw": True}
+    [(images, _)] = build_loader(tmp_path, "test", DataConfig(eval_crop_pct=0.5), train=False, **options)
+    expected = [np.asarray(eval_view(Image.fromarray(p), SIZE, 0.5)) for p in pixels["test"]]
+    assert torch.equal(images[:, 0], torch.from_numpy(np.stack(expected)))
+    assert not torch.equal(images[:, 0], torch.from_numpy(pixels["test"]))
+    train = {"batch_size": 4, "image_size": SIZE, "channels": 1, "raw": True, "train": True}
+    [(plain, _)] = build_loader(tmp_path, "train", DataConfig(), **train)
+    [(same, _)] = build_loader(tmp_path, "train", DataConfig(eval_crop_pct=0.5), **train)
+    assert torch.equal(plain, same)
+    with pytest.raises(VmoeError, match=r"data.eval_crop_pct must be in \(0, 1\]"):
+        build_loader(tmp_path, "test", DataConfig(eval_crop_pct=1.5), train=False, **options)
 
 
 def test_normalised_batches(tmp_path):

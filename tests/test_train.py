@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -127,6 +128,7 @@ def test_warmup_past_half_a_shortened_run_is_capped_with_a_notice(digits, tmp_pa
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "train.warmup_steps=20 capped to 2, half of the 4 steps" in result.stderr
+    assert re.search(r"^training: 4/4 \(100%\) [\d.]+ steps/s, [\d.]+ s$", result.stderr, re.MULTILINE)  # a log's
     assert [r["lr"] for r in metrics(tmp_path / "run") if "loss" in r][0] == cfg.lr  # step 2: the peak
 
 

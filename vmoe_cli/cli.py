@@ -25,7 +25,9 @@ from vmoe_cli.allocator import keep_freed_memory
 from vmoe_cli.config import load_recipe
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.outputs import run_lock, writable_dir, writable_file
+from vmoe_cli.progress import Display, ProgressFn
 
+LOG_WIDTH = 100_000  # columns of a table printed to a log or pipe: a table takes only the width it needs
 SET_HELP = "Override a recipe value, e.g. --set model.moe.k=1 (the value is YAML; repeatable)."
 CACHE_DIR = click.option(
     "--cache-dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("VMOE_CACHE", "~/.cache/vmoe"),
@@ -246,7 +248,8 @@ def shard_info_command(out_dir: Path, verify: bool, ranks: int, workers: int, tr
     """Counts per split and class of the shards in DIR, and problems for RANKS x WORKERS readers."""
     from vmoe_cli.data.manifest import INDEX_FORMAT, shard_info
 
-    info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers, train_split=train_split)
+    with _progress_bar() as show:
+        info = shard_info(out_dir, verify=verify, ranks=ranks, workers=workers, train_split=train_split, progress=show)
     manifest = info["manifest"]
     splits = list(manifest["splits"])
     table = Table(title=f"{out_dir}: {manifest['source']}")
@@ -413,7 +416,8 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
 
     writable_dir(out_dir, "--out")
     start = time.perf_counter()
-    done = run_quickstart(recipes, shards, out_dir, cache_dir, overrides, say=click.echo)
+    with _progress_bar() as show:
+        done = run_quickstart(recipes, shards, out_dir, cache_dir, overrides, say=click.echo, progress=show)
     for results in done["fewshot"].values():
         _console().print(fewshot_table(results))
     _console().print(sweep_table(done["sweep"]))
@@ -615,31 +619,16 @@ def convert_jax_command(
 
 
 @contextlib.contextmanager
-def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich bar on stderr, shown only on a terminal; yields `show(what, done, total)`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=True)  # fmt: skip
-    bars: dict[str, int] = {}
-
-    def show(what: str, done: int, total: int) -> None:
-        if progress.console.is_terminal:
-            progress.start()
-            if what not in bars:
-                bars[what] = progress.add_task(what, total=total)
-            progress.update(bars[what], completed=done, total=total)
-
-    try:
+def _progress_bar() -> Iterator[ProgressFn]:
+    """The command's progress display (vmoe_cli/progress.py): bars on a terminal, plain lines in a log."""
+    with Display() as show:
         yield show
-    finally:
-        if progress.live.is_started:
-            progress.stop()
 
 
 def _console() -> Console:
-    """Standard output for tables: the terminal's width, or 120 columns in a log or pipe (rich assumes 80)."""
-    return Console() if sys.stdout.isatty() else Console(width=120)
+    """Standard output for tables: the terminal's width, or wide enough for every cell in a log or pipe (rich
+    assumes 80 columns there and would wrap or cut cells)."""
+    return Console() if sys.stdout.isatty() else Console(width=LOG_WIDTH)
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -21,6 +21,7 @@ from vmoe_cli.eval.plots import plot_sweep
 from vmoe_cli.eval.probe import run_fewshot
 from vmoe_cli.eval.report_page import write_report
 from vmoe_cli.eval.sweep import SweepOptions, make_grid, sweep
+from vmoe_cli.progress import ProgressFn
 from vmoe_cli.train.loop import pretrain
 from vmoe_cli.train.report import read_metrics
 
@@ -36,11 +37,13 @@ def run_quickstart(
     cache_dir: str | Path = "~/.cache/vmoe",
     overrides: Sequence[str] = (),
     say: Callable[[str], None] = print,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Run every step into `out`; return the artefact paths (the report page last), the few-shot results and the
     sweep results.
 
-    `overrides` are `--set` values applied to both recipes (e.g. train.steps=50 for a smoke run).
+    `overrides` are `--set` values applied to both recipes (e.g. train.steps=50 for a smoke run); `progress` is
+    told how feature extraction and the sweep go.
     """
     out, shards = Path(out), Path(shards)
     say(f"[1/5] shard digits -> {shards}")
@@ -56,13 +59,13 @@ def run_quickstart(
     for name, checkpoint in (("pixels", "pixels"), *((n, str(runs[n])) for n in TWINS)):
         say(f"[3/5] few-shot probe of {name} on {shards}")
         backbone = load_backbone(checkpoint, pixels_size=8)
-        results = run_fewshot(backbone, [str(shards)], cache_dir=cache_dir)
+        results = run_fewshot(backbone, [str(shards)], cache_dir=cache_dir, progress=progress)
         fewshot[name] = results
         write_results(results, out / "fewshot" / f"{name}.json")
     say(f"[4/5] capacity sweep of digits-vmoe on {shards} (test), dense twin as baseline -> {out / 'sweep'}")
     points = make_grid([1, 2], CAPACITIES, [True, False])
     swept = sweep(runs["digits-vmoe"], str(shards), points, out / "sweep", SweepOptions(), runs["digits-vit"],
-                  cache_dir)  # fmt: skip
+                  cache_dir, progress)  # fmt: skip
     plot = plot_sweep(swept, out / "sweep" / "sweep.png")
     say(f"[5/5] report page of digits-vmoe -> {runs['digits-vmoe'] / 'report.html'}")
     fewshot_files = [out / "fewshot" / f"{name}.json" for name in fewshot]

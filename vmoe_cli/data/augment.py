@@ -87,6 +87,21 @@ def resize(img: Image.Image, size: int) -> Image.Image:
     return img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BILINEAR)
 
 
+def eval_view(img: Image.Image, size: int, crop_pct: float | None) -> Image.Image:
+    """What evaluation sees of `img`: squashed to `size` x `size` when `crop_pct` is None; otherwise the shorter
+    side resized to floor(size / crop_pct), aspect kept, and the centre `size` x `size` cut out (timm's and
+    torchvision's Resize + CenterCrop: the longer side truncated, offsets rounded)."""
+    if crop_pct is None:
+        return resize(img, size)
+    w, h = img.size
+    short = math.floor(size / crop_pct)
+    new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+    return img.crop((left, top, left + size, top + size))
+
+
 def _signed(value: float, rng: random.Random) -> float:
     return value if rng.random() < 0.5 else -value
 

@@ -19,5 +19,9 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (epochs of `epoch_images`); needs no shards >= ranks
     epoch_images: int | None = None  # epoch length in resampled mode; null = the split's size
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation and mixup alpha
+    # evaluation's view of an image: null squashes the whole image to image_size x image_size; a fraction f in
+    # (0, 1] resizes the shorter side to floor(image_size / f), aspect kept, then takes the centre image_size
+    # square (timm's crop_pct; 0.875 is the usual ImageNet value). Training augmentation is not affected.
+    eval_crop_pct: float | None = None
     mean: float | list[float] = 0.5  # pixels become (x / 255 - mean) / std, one value or one per channel
     std: float | list[float] = 0.5

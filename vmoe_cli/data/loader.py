@@ -36,7 +36,6 @@ split the stream a second time and silently lose samples.
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import math
@@ -52,10 +51,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vmoe_cli.data import tars
-from vmoe_cli.data.augment import AugmentConfig, augment_image, resize
+from vmoe_cli.data.augment import AugmentConfig, augment_image, eval_view
 from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.manifest import MANIFEST, read_manifest, remedy, shard_location
 from vmoe_cli.errors import VmoeError
+from vmoe_cli.progress import ProgressFn
 
 SHUFFLE_BUFFER = 1000  # samples (undecoded bytes) held per worker for the within-shard shuffle
 
@@ -106,6 +106,7 @@ class _Plan:
     seed: int
     epoch: int
     augment: AugmentConfig
+    crop_pct: float | None  # evaluation's centre crop (None: squash)
     resampled: bool
     # filled once the epoch's schedule is known:
     first: list[int] = field(default_factory=list)  # per logical worker: index of its first batch to yield (resume)
@@ -159,13 +160,15 @@ def build_loader(
     epoch: int = 0,
     start_batch: int = 0,
     raw: bool = False,
+    progress: ProgressFn | None = None,
 ) -> Loader:
     """The loader of `split` for one rank and epoch (see the module docstring for who reads what).
 
     `data` gives `workers` DataLoader processes (0 reads in this process), `cache` (keep the decoded split
     in memory for later loaders of this process), the normalisation `(x / 255 - mean) / std` per channel and,
-    in training only, `augment`, `resampled` and `epoch_images` (eval resizes only and reads every sample
-    once). `start_batch` resumes an epoch; `raw=True` keeps uint8 pixels.
+    in training only, `augment`, `resampled` and `epoch_images` (eval reads every sample once, resized or
+    centre-cropped as `eval_crop_pct` says). `start_batch` resumes an epoch; `raw=True` keeps uint8 pixels;
+    `progress` is told how the cache fill goes.
     """
     _check_args(data, batch_size, image_size, channels, rank, world_size)
     manifest = read_manifest(shard_dir)
@@ -177,17 +180,14 @@ def build_loader(
         shard_dir=Path(shard_dir), shards=shards, split=split, label_key=manifest.get("label_key"),
         redo=remedy(manifest), batch_size=batch_size, image_size=image_size,
         channels=channels, train=train, rank=rank, world_size=world_size, processes=data.workers,
-        workers=max(1, data.workers), seed=seed, epoch=epoch, augment=data.augment,
+        workers=max(1, data.workers), seed=seed, epoch=epoch, augment=data.augment, crop_pct=data.eval_crop_pct,
         resampled=train and data.resampled,
     )  # fmt: skip
     schedule = _epoch_schedule(plan, data.epoch_images)
     steps = len(schedule)
     if not 0 <= start_batch <= steps:
         raise VmoeError(f"start_batch {start_batch} is outside this epoch's 0..{steps} batches")
-    decoded = None
-    if data.cache:  # filled on the first call for this split, reused by every later loader of this process
-        read = (plan.label_key, plan.redo, channels)
-        decoded = {s.location: _decoded_shard(s, *read, _stamp(s, plan.redo)) for s in shards}
+    decoded = _cached_split(shards, split, plan, progress) if data.cache else None
     plan = replace(
         plan, cache=decoded, offset=schedule[start_batch] if start_batch < steps else 0,
         first=[schedule[:start_batch].count(w) for w in range(plan.workers)],
@@ -206,6 +206,8 @@ def _check_args(data: DataConfig, batch_size: int, image_size: int, channels: in
     if data.workers < 0:
         raise VmoeError(f"workers must be >= 0, got {data.workers}")
     data.augment.validate()
+    if data.eval_crop_pct is not None and not 0 < data.eval_crop_pct <= 1:
+        raise VmoeError(f"data.eval_crop_pct must be in (0, 1] (or null to squash), got {data.eval_crop_pct}")
 
 
 def _per_channel(value: float | Sequence[float], channels: int) -> torch.Tensor:
@@ -316,7 +318,7 @@ class _Stream(IterableDataset):
             rng = random.Random(f"augment:{p.seed}:{p.epoch}:{p.rank}:{worker}:{n}")
             img = augment_image(img, p.image_size, p.augment, rng)
         else:
-            img = resize(img, p.image_size)
+            img = eval_view(img, p.image_size, p.crop_pct)
         return _to_tensor(img)
 
     def _samples(self, worker: int) -> Iterator[dict[str, Any]]:
@@ -388,16 +390,29 @@ def _stamp(shard: _Shard, redo: str) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-@functools.cache
-def _decoded_shard(
-    shard: _Shard, label_key: str | None, redo: str, channels: int, stamp: tuple[int, int]
-) -> tuple[dict[str, Any], ...]:
-    """Every sample of one shard, its image decoded to uint8 pixels [H, W] or [H, W, 3]: the `cache` memo.
+DECODED: dict[tuple[_Shard, str | None, int, tuple[int, int]], tuple[dict[str, Any], ...]] = {}  # the `cache` memo
 
-    `stamp` (the file's size and mtime) is only part of the memo's key.
-    """
-    samples = _read_shard(shard, label_key, redo)
-    return tuple({**s, "image": np.asarray(_decode(s, channels), dtype=np.uint8)} for s in samples)
+
+def _cached_split(
+    shards: list[_Shard], split: str, plan: _Plan, progress: ProgressFn | None
+) -> dict[str, tuple[dict[str, Any], ...]]:
+    """`data.cache`: every sample of each shard, its image decoded to uint8 pixels [H, W] or [H, W, 3], kept in
+    `DECODED` for the rest of the process under the shard, its label key, channels and (size, mtime); only the
+    shards not in it yet are read, telling `progress`."""
+    keys = {s.location: (s, plan.label_key, plan.channels, _stamp(s, plan.redo)) for s in shards}
+    missing = [s for s in shards if keys[s.location] not in DECODED]
+    what, done, total = f"decode {split} (data.cache)", 0, sum(s.count for s in missing)
+    for shard in missing:
+        if progress is not None:
+            progress(what, done, total)
+        samples = _read_shard(shard, plan.label_key, plan.redo)
+        DECODED[keys[shard.location]] = tuple(
+            {**s, "image": np.asarray(_decode(s, plan.channels), np.uint8)} for s in samples
+        )
+        done += shard.count
+    if missing and progress is not None:
+        progress(what, done, total)
+    return {s.location: DECODED[keys[s.location]] for s in shards}
 
 
 def _read_shard(shard: _Shard, label_key: str | None, redo: str) -> Iterator[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from vmoe_cli.data import tars
 from vmoe_cli.errors import VmoeError
+from vmoe_cli.progress import ProgressFn
 
 MANIFEST = "manifest.json"
 FORMAT = "vmoe-shards/1"
@@ -176,11 +177,17 @@ def _well_formed(shard: Any) -> bool:
 
 
 def shard_info(
-    out_dir: str | Path, verify: bool = False, ranks: int = 1, workers: int = 1, train_split: str = "train"
+    out_dir: str | Path,
+    verify: bool = False,
+    ranks: int = 1,
+    workers: int = 1,
+    train_split: str = "train",
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Counts per split and class, and problems: missing or (with `verify`) corrupt shards, empty shards, and
     shards of `train_split` that do not spread evenly over `ranks` x `workers` readers (the loader divides the
-    other, evaluation, splits by sample, so their shard count does not matter).
+    other, evaluation, splits by sample, so their shard count does not matter). With `verify`, `progress` is
+    told the bytes hashed after each shard.
 
     Returns {"manifest": ..., "problems": [str], "failed": [str], "unchecked": int}; `failed` lists shards that
     are missing, the wrong size, or (with `verify`) whose sha256 differs from the manifest's; `unchecked` counts
@@ -190,6 +197,10 @@ def shard_info(
         raise VmoeError(f"--ranks and --workers must be at least 1, got {ranks} and {workers}")
     manifest = read_manifest(out_dir)
     problems, failed, unchecked = [], [], 0
+    hashed, to_hash = 0, sum(s["bytes"] or 0 for info in manifest["splits"].values() for s in info["shards"])
+    show = progress if verify and progress is not None else None
+    if show is not None:
+        show(f"sha256 {out_dir}", 0, to_hash, "bytes")
     for split, info in manifest["splits"].items():
         problems += _spread_problems(split, info["shards"], ranks, workers, split == train_split)
         for shard in info["shards"]:
@@ -200,6 +211,9 @@ def shard_info(
             reason = _shard_problem(location, shard, verify)
             if reason:
                 failed.append(f"{shard['file']}: {reason}")
+            hashed += shard["bytes"] or 0
+            if show is not None:
+                show(f"sha256 {out_dir}", hashed, to_hash, "bytes")
     return {"manifest": manifest, "problems": problems, "failed": failed, "unchecked": unchecked}
 
 

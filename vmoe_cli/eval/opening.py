@@ -8,7 +8,7 @@ caches and resumable state are keyed on; they are computed on first use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,18 +23,19 @@ from vmoe_cli.data.manifest import MANIFEST, check_not_stock_tars, file_sha256, 
 from vmoe_cli.data.shard import eval_shards
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import VisionTransformer
-
-ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
+from vmoe_cli.progress import ProgressFn
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model reads images: resized to `image_size` with `channels` channels, then (x / 255 - mean) / std."""
+    """How a model reads images: resized (or centre-cropped) to `image_size` with `channels` channels, then
+    (x / 255 - mean) / std."""
 
     image_size: int
     channels: int
     mean: float | list[float]  # the model's training normalisation
     std: float | list[float]
+    crop_pct: float | None = None  # its recipe's data.eval_crop_pct: None squashes the image to a square
 
 
 @dataclass
@@ -68,11 +69,11 @@ class EvalData:
 
 def open_checkpoint(checkpoint: str | Path, option: str = "--checkpoint") -> Opened:
     """The model of `checkpoint` (a checkpoint or run directory; `option` names the flag in errors) with the
-    preprocessing it was trained with."""
+    preprocessing its recipe evaluates with."""
     path = resolve_checkpoint(checkpoint, option)
     model = load_model(path)
     data = load_recipe_of(path).data or DataConfig()
-    preprocess = Preprocess(model.cfg.image_size, model.cfg.channels, data.mean, data.std)
+    preprocess = Preprocess(model.cfg.image_size, model.cfg.channels, data.mean, data.std, data.eval_crop_pct)
     return Opened(str(checkpoint), path, model, preprocess)
 
 
@@ -91,7 +92,7 @@ def open_data(data: str, cache_dir: str | Path, splits: Sequence[str], hint: str
 
 def eval_loader(shard_dir: Path, split: str, batch_size: int, preprocess: Preprocess, start_batch: int = 0) -> Loader:
     """Evaluation batches of `split` in manifest order, read as `preprocess` says, from batch `start_batch` on."""
-    reading = DataConfig(mean=preprocess.mean, std=preprocess.std)  # in this process, no cache: read once
+    reading = DataConfig(mean=preprocess.mean, std=preprocess.std, eval_crop_pct=preprocess.crop_pct)  # no cache
     return build_loader(
         shard_dir, split, reading, batch_size=batch_size, image_size=preprocess.image_size,
         channels=preprocess.channels, train=False, start_batch=start_batch,
@@ -99,12 +100,21 @@ def eval_loader(shard_dir: Path, split: str, batch_size: int, preprocess: Prepro
 
 
 def eval_batches(
-    source: EvalData, split: str, batch_size: int, preprocess: Preprocess, progress: ProgressFn | None = None
+    source: EvalData,
+    split: str,
+    batch_size: int,
+    preprocess: Preprocess,
+    what: str,
+    progress: ProgressFn | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """The `eval_loader` batches of `split`, telling `progress` the images done after each one is used."""
+    """The `eval_loader` batches of `split`, telling `progress` the images done (as phase `what` DATA SPLIT)
+    before the first and after each one is used."""
     total, done = source.manifest["splits"][split]["count"], 0
+    phase = f"{what} {source.name} {split}"
+    if progress is not None:
+        progress(phase, done, total)
     for images, labels in eval_loader(source.shard_dir, split, batch_size, preprocess):
         yield images, labels
         done += len(labels)
         if progress is not None:
-            progress(f"{source.shard_dir.name} {split}", done, total)
+            progress(phase, done, total)

@@ -40,8 +40,9 @@ import torch
 
 from vmoe_cli.atomic import remove_stale_temps, write_bytes_atomic
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.opening import EvalData, Opened, Preprocess, ProgressFn, eval_batches, open_data
+from vmoe_cli.eval.opening import EvalData, Opened, Preprocess, eval_batches, open_data
 from vmoe_cli.models.vit import VisionTransformer
+from vmoe_cli.progress import ProgressFn
 
 L2_GRID: tuple[float, ...] = tuple(2.0**p for p in range(-10, 20))  # big_vision's grid, 2^-10 .. 2^19
 BIAS = 100.0  # value of the appended constant column
@@ -92,7 +93,7 @@ def extract(
     """Features `[N, F]` float32 and labels `[N]` of every sample of `split`, in manifest order."""
     model = None if backbone.model is None else backbone.model.to(device).eval()
     feats, labels = [], []
-    for images, y in eval_batches(source, split, batch_size, backbone.preprocess, progress):
+    for images, y in eval_batches(source, split, batch_size, backbone.preprocess, "features", progress):
         if model is None:
             feats.append(images.flatten(1).numpy())  # [B, C*H*W]
         else:
@@ -139,6 +140,8 @@ def _cache_key(backbone: Backbone, source: EvalData, batch_size: int) -> str:
         FEATURES_VERSION, backbone.key, source.manifest_sha256, pp.image_size, pp.channels, pp.mean, pp.std,
         batch_size if routed else None,
     ]  # fmt: skip
+    if pp.crop_pct is not None:  # only then: the keys of squashed images stay those of earlier versions
+        identity.append(pp.crop_pct)
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 

@@ -20,7 +20,8 @@ from sklearn.cluster import KMeans
 
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_batches, open_checkpoint, open_data
+from vmoe_cli.eval.opening import EvalData, Opened, eval_batches, open_checkpoint, open_data
+from vmoe_cli.progress import ProgressFn
 
 AFFINITY_EPS = 1e-4  # added to every off-diagonal affinity so the class graph is connected
 
@@ -43,7 +44,7 @@ def confusion_matrix(
         )
     model = opened.model.to(device).eval()
     counts = np.zeros(classes * classes, dtype=np.int64)
-    for images, labels in eval_batches(source, split, batch_size, opened.preprocess, progress):
+    for images, labels in eval_batches(source, split, batch_size, opened.preprocess, "confusions", progress):
         predicted = model(images.to(device)).logits.argmax(dim=1).cpu().numpy()
         counts += np.bincount(labels.numpy() * classes + predicted, minlength=classes * classes)
     return counts.reshape(classes, classes)

@@ -27,11 +27,12 @@ import torch
 from vmoe_cli.atomic import remove_stale_temps, write_text_atomic
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval.flops import flops_per_image
-from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_loader, open_checkpoint, open_data
+from vmoe_cli.eval.opening import EvalData, Opened, eval_batches, eval_loader, open_checkpoint, open_data
 from vmoe_cli.eval.probe import model_backbone, run_fewshot
 from vmoe_cli.models.config import MoEConfig
 from vmoe_cli.models.vit import VisionTransformer
 from vmoe_cli.outputs import run_lock
+from vmoe_cli.progress import ProgressFn
 
 STATE = "sweep-state.json"
 SAVE_EVERY_S = 10.0  # seconds between saves of the sweep state
@@ -123,8 +124,42 @@ def _sweep(
         _accuracy_pass(opened, source, points, options, save, progress)
     loader = eval_loader(source.shard_dir, options.split, options.throughput_batch, opened.preprocess)
     images = next(iter(loader))[0].to(options.device)  # the timed input
-    for i, p in enumerate(points):
-        result = state["points"][p.name]
+    _per_point(opened, data, points, options, save, images, cache_dir, progress)
+    if baseline is not None and "baseline" not in state:
+        state["baseline"] = _baseline(baseline, source, options, images, progress)
+        save(force=True)
+
+    results = _results(opened, trained, data, points, options, state)
+    write_text_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / "sweep.csv", _csv(results["rows"]))
+    return results
+
+
+def _per_point(
+    opened: Opened,
+    data: str,
+    points: Sequence[GridPoint],
+    options: SweepOptions,
+    save: _Saver,
+    images: torch.Tensor,
+    cache_dir: Path,
+    progress: ProgressFn | None,
+) -> None:
+    """Per grid point: its timing and, with `fewshot_shots`, its few-shot top-1, each saved once measured."""
+    results = [save.state["points"][p.name] for p in points]
+    phase = f"{'time and few-shot' if options.fewshot_shots else 'time'} {len(points)} settings"
+
+    def measured(result: dict[str, Any]) -> bool:
+        return "images_per_s" in result and (not options.fewshot_shots or "fewshot_top1" in result)
+
+    def tell() -> None:
+        if progress is not None:
+            progress(phase, sum(map(measured, results)), len(points), "settings")
+
+    if all(map(measured, results)):
+        return
+    tell()
+    for p, result in zip(points, results, strict=True):
         if "images_per_s" not in result:
             _set_routing(opened.model, p)
             result.update(time_forward(opened.model, images, options))
@@ -132,19 +167,10 @@ def _sweep(
         if options.fewshot_shots and "fewshot_top1" not in result:
             _set_routing(opened.model, p)
             fs = run_fewshot(model_backbone(opened), [data], [options.fewshot_shots], 3, cache_dir=cache_dir,
-                             device=options.device)  # fmt: skip
+                             device=options.device, progress=progress)  # fmt: skip
             result["fewshot_top1"] = fs["datasets"][data]["summary"][options.fewshot_shots]["mean"]
             save(force=True)
-        if progress is not None:
-            progress("timing", i + 1, len(points))
-    if baseline is not None and "baseline" not in state:
-        state["baseline"] = _baseline(baseline, source, options, images)
-        save(force=True)
-
-    results = _results(opened, trained, data, points, options, state)
-    write_text_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
-    write_text_atomic(out / "sweep.csv", _csv(results["rows"]))
-    return results
+        tell()
 
 
 def _open_model(checkpoint: str | Path, points: Sequence[GridPoint], device: str) -> tuple[Opened, list[GridPoint]]:
@@ -229,6 +255,10 @@ def _accuracy_pass(
     first_moe = model.first_moe
     loader = eval_loader(source.shard_dir, options.split, options.batch_size, opened.preprocess, state["batches_done"])
     state["batches"] = loader.steps
+    total = source.manifest["splits"][options.split]["count"]
+    phase = f"accuracy of {len(points)} settings {source.name} {options.split}"
+    if progress is not None:  # a resumed pass starts past 0
+        progress(phase, min(total, state["batches_done"] * options.batch_size), total)
     for images, labels in loader:
         images, labels = images.to(options.device), labels.to(options.device)
         dense_BND = model.run_blocks(model.embed(images), stop=first_moe).x_BND
@@ -239,7 +269,7 @@ def _accuracy_pass(
         state["batches_done"] += 1
         save()
         if progress is not None:
-            progress(f"accuracy ({len(points)} settings)", state["batches_done"], state["batches"])
+            progress(phase, min(total, state["batches_done"] * options.batch_size), total)
     save(force=True)
 
 
@@ -275,14 +305,16 @@ def time_forward(model: VisionTransformer, images: torch.Tensor, options: SweepO
     return {"images_per_s": len(images) / seconds, "latency_ms": 1000 * seconds}
 
 
-def _baseline(checkpoint: str | Path, source: EvalData, options: SweepOptions, images: torch.Tensor) -> dict:
+def _baseline(
+    checkpoint: str | Path, source: EvalData, options: SweepOptions, images: torch.Tensor, progress: ProgressFn | None
+) -> dict:
     """The dense twin's point: plain top-1, GFLOPs and timing."""
     opened = open_checkpoint(checkpoint, "--baseline")
     model = opened.model.to(options.device)
-    loader = eval_loader(source.shard_dir, options.split, options.batch_size, opened.preprocess)
+    batches = eval_batches(source, options.split, options.batch_size, opened.preprocess, "baseline", progress)
     correct = total = 0
     with torch.inference_mode():
-        for x, y in loader:
+        for x, y in batches:
             correct += int((model(x.to(options.device)).logits.argmax(-1).cpu() == y).sum())
             total += len(y)
     timing = time_forward(model, images, options)

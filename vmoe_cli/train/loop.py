@@ -32,6 +32,7 @@ from vmoe_cli.data.loader import Loader, build_loader
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.models.vit import ModelOutput, VisionTransformer
 from vmoe_cli.outputs import run_lock
+from vmoe_cli.progress import Display, ProgressFn
 from vmoe_cli.train.distributed import forward_passes, full_states, make_accelerator
 from vmoe_cli.train.expert_parallel import (
     ExpertParallel,
@@ -57,18 +58,20 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransf
     The main process (global rank 0, the only one writing `run_dir`) holds `run_dir`'s lock throughout.
     """
     main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch; the Accelerator comes later
-    with run_lock(run_dir) if main else contextlib.nullcontext():
-        return _train(recipe, run_dir, resume, model)
+    with run_lock(run_dir) if main else contextlib.nullcontext(), Display() as display:
+        return _train(recipe, run_dir, resume, model, display if main else None)
 
 
-def _train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransformer | None) -> dict[str, Any]:
+def _train(
+    recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTransformer | None, display: Display | None
+) -> dict[str, Any]:
     ckpt = _resume_from(recipe, run_dir, resume)
-    run = _setup(recipe, run_dir, model, ckpt)
+    run = _setup(recipe, run_dir, model, ckpt, display)
     state = TrainState.load(ckpt) if ckpt is not None else TrainState()
     if ckpt is not None:
         state.restore(run)
     cfg, step, stream = run.cfg, state.step, Batches(run.loader, state.epoch, state.batch)
-    reporter = Reporter(run_dir, run.accelerator.is_main_process, run.total, step, cfg.tensorboard)
+    reporter = Reporter(run_dir, run.accelerator.is_main_process, run.total, step, cfg.tensorboard, display)
     _notes(run, step, reporter)
     result: dict[str, Any] = {}
     try:
@@ -78,8 +81,9 @@ def _train(recipe: Recipe, run_dir: Path, resume: str | None, model: VisionTrans
             step += 1
             if record is not None:
                 reporter.train(_to_json(record), cfg.batch_size)
+            reporter.step(step)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
-                result = {"step": step, **evaluate(run)}
+                result = {"step": step, **evaluate(run, display)}
                 reporter.eval(result)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == run.total:
                 checkpoint(run, stream, step)
@@ -133,13 +137,14 @@ def train_step(run: Run, stream: Batches, step: int, log: bool) -> dict[str, Any
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict[str, Any]:
-    """Top-1 over the whole eval split: each rank counts its part, one reduce at the end."""
+def evaluate(run: Run, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Top-1 over the whole eval split: each rank counts its part, one reduce at the end. `progress` is told how
+    a `data.cache` fill of the split goes."""
     accelerator, data, cfg = run.accelerator, run.data, run.recipe.model
     model = accelerator.unwrap_model(run.model).eval()
     loader = build_loader(
         data.shards, data.eval_split, data, batch_size=run.micro, image_size=cfg.image_size, channels=cfg.channels,
-        train=False, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        train=False, rank=accelerator.process_index, world_size=accelerator.num_processes, progress=progress,
     )  # fmt: skip
     counts = torch.zeros(2, dtype=torch.int64, device=accelerator.device)  # correct, total
     for images, labels in loader:
@@ -186,8 +191,11 @@ def _resume_from(recipe: Recipe, run_dir: Path, resume: str | None) -> Path | No
     return ckpt
 
 
-def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt: Path | None) -> Run:
-    """Accelerator, model (`ckpt`'s weights when resuming), optimiser and schedule, prepared; the run directory."""
+def _setup(
+    recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt: Path | None, progress: ProgressFn | None
+) -> Run:
+    """Accelerator, model (`ckpt`'s weights when resuming), optimiser and schedule, prepared; the run directory.
+    `progress` is told how a `data.cache` fill of the train split goes."""
     data, cfg = _sections(recipe)
     accelerator = make_accelerator(cfg)
     micro = _micro_batch(cfg, accelerator.num_processes)
@@ -199,7 +207,7 @@ def _setup(recipe: Recipe, run_dir: Path, model: VisionTransformer | None, ckpt:
     xp = _expert_layout(recipe, accelerator)
     if xp is not None:
         shard_model(model, xp)
-    loader = _train_loaders(recipe, micro, accelerator)
+    loader = _train_loaders(recipe, micro, accelerator, progress)
     total = cfg.steps or math.ceil(cfg.epochs * loader(0, 0).steps / cfg.grad_accum)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, total, cfg)
@@ -251,15 +259,17 @@ def _micro_batch(cfg: TrainConfig, processes: int) -> int:
     return cfg.batch_size // parts
 
 
-def _train_loaders(recipe: Recipe, micro: int, accelerator: Accelerator) -> Callable[[int, int], Loader]:
-    """This rank's train loader of any (epoch, first batch)."""
+def _train_loaders(
+    recipe: Recipe, micro: int, accelerator: Accelerator, progress: ProgressFn | None
+) -> Callable[[int, int], Loader]:
+    """This rank's train loader of any (epoch, first batch); `progress` hears of a `data.cache` fill."""
     data, cfg, model = recipe.data, recipe.train, recipe.model
 
     def loader(epoch: int, start: int) -> Loader:
         return build_loader(
             data.shards, data.train_split, data, batch_size=micro, image_size=model.image_size,
             channels=model.channels, train=True, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, seed=cfg.seed, epoch=epoch, start_batch=start,
+            world_size=accelerator.num_processes, seed=cfg.seed, epoch=epoch, start_batch=start, progress=progress,
         )  # fmt: skip
 
     return loader

@@ -1,4 +1,4 @@
-"""What a run tells the world: metrics.jsonl lines (rank 0 only) and a progress display on stderr.
+"""What a run tells the world: metrics.jsonl lines (rank 0 only) and its progress on stderr (vmoe_cli/progress.py).
 
 Timing fields are kept in their own keys (`TIMING`) so that two runs of the same recipe can be compared
 line by line with those keys left out: on CPU with one process everything else is reproducible.
@@ -12,37 +12,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.errors import VmoeError
+from vmoe_cli.progress import Display
 
 METRICS = "metrics.jsonl"
 TIMING = ("images_per_s", "elapsed_s")  # wall-clock keys: differ between otherwise identical runs
 
 
 class Reporter:
-    """Appends metrics lines and shows progress: a rich bar on a terminal, plain log lines otherwise."""
+    """Appends metrics lines and shows them with the steps done, rate and ETA on `display` (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, main: bool, total: int, start: int, tensorboard: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        main: bool,
+        total: int,
+        start: int,
+        tensorboard: bool = False,
+        display: Display | None = None,
+    ):
         self.path = run_dir / METRICS
         self.main = main
+        self.total = total
         self.start_time = time.perf_counter()
         self._last = (start, self.start_time)
-        self._progress: Progress | None = None
+        self._display = display if main else None
         self._board = None
         if not main:
             return
         keep_until(self.path, start)  # a resumed run rewrites what came after its checkpoint
         if tensorboard:
             self._board = _summary_writer(run_dir / "tensorboard", start)
-        if sys.stderr.isatty():
-            columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn())  # fmt: skip
-            self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
-            self._bar = self._progress.add_task("training", total=total, completed=start)
-            self._progress.start()
+
+    def step(self, step: int) -> None:
+        """Show that `step` steps of the run are done."""
+        if self._display is not None:
+            self._display("training", step, self.total, "steps")
 
     def train(self, record: dict[str, Any], images_per_step: int) -> None:
         """Write a training line, adding images/s since the previous training line."""
@@ -52,11 +58,8 @@ class Reporter:
         record["elapsed_s"] = now - self.start_time
         self._last = (record["step"], now)
         self._write(record)
-        summary = f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.3g}"
-        if self._progress is not None:
-            self._progress.update(self._bar, completed=record["step"], description=summary)
-        else:
-            self._echo(f"{summary} {record['images_per_s']:,.0f} images/s")
+        self._echo(f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+                   f"{record['images_per_s']:,.0f} images/s")  # fmt: skip
 
     def eval(self, record: dict[str, Any]) -> None:
         """Write an evaluation line and show it."""
@@ -69,8 +72,6 @@ class Reporter:
         self._echo(line)
 
     def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
         if self._board is not None:
             self._board.close()
 
@@ -89,8 +90,8 @@ class Reporter:
     def _echo(self, line: str) -> None:
         if not self.main:
             return
-        if self._progress is not None:
-            self._progress.console.print(line, markup=False, highlight=False)
+        if self._display is not None:
+            self._display.echo(line)
         else:
             print(line, file=sys.stderr, flush=True)
 
