@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from vmoe_cli import progress
 from vmoe_cli.data.shard import ShardOptions, write_shards
 from vmoe_cli.data.sources import open_source
 from vmoe_cli.errors import VmoeError
@@ -38,23 +39,31 @@ def test_status_counts_the_rate_from_the_first_value_seen():
     assert Phase(4_000_000, "bytes", 0, 0.0, 1_500_000).status(0.5) == "1.5 MB/4.0 MB (37%) 3.0 MB/s, ETA 0.8 s"
 
 
-def test_plain_lines_first_value_every_interval_and_final():
+def test_plain_lines_every_interval_and_final(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     log = io.StringIO()
-    with Display(Console(file=log), interval=3600) as show:
-        for done in range(0, 1001, 100):
-            show("features fmnist test", done, 1000)
-        show("timing", 1, 4, "settings")  # stops before its total
-    lines = log.getvalue().splitlines()
-    assert lines[0] == "features fmnist test: 0/1,000 (0%)"
-    assert re.fullmatch(r"features fmnist test: 1,000/1,000 \(100%\) [\d,.]+ images/s, [\d.]+ s", lines[1])
-    assert lines[2] == "timing: 1/4 (25%)" and len(lines) == 3  # within the interval: nothing between
+    with Display(Console(file=log), interval=10) as show:
+        for second in range(21):  # 50 images a second for 20 s
+            show("features fmnist test", 50 * second, 1000)
+            clock[0] += 1.0
+        show("quick", 5, 5)  # over at once: no line
+        show("timing", 1, 4, "settings")
+        clock[0] += 2.0
+        show("timing", 2, 4, "settings")  # stops before its total: the closing line
+    assert log.getvalue().splitlines() == [
+        "features fmnist test: 500/1,000 (50%) 50 images/s, ETA 10 s",
+        "features fmnist test: 1,000/1,000 (100%) 50 images/s, 20 s",
+        "timing: 2/4 (50%) 0.5 settings/s, ETA 4.0 s",
+    ]
 
     log = io.StringIO()
-    with pytest.raises(VmoeError), Display(Console(file=log), interval=3600) as show:
+    with pytest.raises(VmoeError), Display(Console(file=log), interval=10) as show:
         show("features fmnist test", 0, 1000)
+        clock[0] += 12.0
         show("features fmnist test", 100, 1000)
         raise VmoeError("a bad shard")
-    assert log.getvalue() == "features fmnist test: 0/1,000 (0%)\n"  # the error stays the last line
+    assert log.getvalue() == "features fmnist test: 100/1,000 (10%) 8.33 images/s, ETA 1 min 48 s\n"  # then the error
 
 
 def test_terminal_draws_a_bar_with_rate_and_eta():

@@ -7,8 +7,8 @@ function takes it as an optional `progress` argument and the command supplies a 
 
     features shards/fmnist test: 4,096/10,000 (41%) 812 images/s, ETA 7 s
 
-A phase's first plain line says where it starts (a resumed job: where it resumes), and the rate counts from that
-first value, so a resumed job reports its own speed. Imports only errors.py of vmoe: every floor may use it.
+The rate counts from the first value this process saw, so a resumed job reports its own speed. Imports only
+errors.py of vmoe: every floor may use it.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ class Phase:
 
 class Display:
     """A `ProgressFn` for one command: a bar per phase on a terminal (on stderr, gone at the end), plain lines
-    otherwise: a phase's first value, then one every `interval` seconds (default: $VMOE_PROGRESS_INTERVAL or 10 s),
-    then its last. Use it as a context manager; nothing is drawn before the first call, so an early error stays
-    one line."""
+    otherwise: one every `interval` seconds (default: $VMOE_PROGRESS_INTERVAL or 10 s) and its last (none for a
+    phase over within a second). Use it as a context manager; nothing is drawn before the first call, so an early
+    error stays one line."""
 
     def __init__(self, console: Console | None = None, interval: float | None = None):
         self.console = console or Console(stderr=True)
@@ -94,10 +94,10 @@ class Display:
         if self.console.is_terminal:
             self._draw(what, phase)
         elif total is not None and done >= total:
-            if not phase.finished:
-                phase.finished = True
+            if not phase.finished and _worth_a_line(phase, now):
                 self._line(what, phase, now)
-        elif now - phase.shown >= self.interval:  # the first value at once, then every `interval`
+            phase.finished = True
+        elif now - max(phase.shown, phase.start) >= self.interval:
             self._line(what, phase, now)
 
     def echo(self, line: str) -> None:
@@ -117,7 +117,7 @@ class Display:
             return
         now = time.monotonic()
         for what, phase in self.phases.items():
-            if not phase.finished and phase.shown_done != phase.done:
+            if not phase.finished and phase.shown_done != phase.done and _worth_a_line(phase, now):
                 phase.finished = True
                 self._line(what, phase, now)
 
@@ -146,6 +146,12 @@ class _Status(ProgressColumn):
     def render(self, task: Task) -> Text:
         phase = task.fields.get("phase")
         return Text(phase.status(time.monotonic()) if phase else "")
+
+
+def _worth_a_line(phase: Phase, now: float) -> bool:
+    """A phase's last plain line: when it showed an earlier one or took a second or more; a log keeps no line of
+    a phase that was over at once (nor does it come between a command and its one-line error)."""
+    return phase.shown_done is not None or now - phase.start >= 1.0
 
 
 def duration(seconds: float) -> str:
