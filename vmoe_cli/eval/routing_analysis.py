@@ -5,8 +5,8 @@ images, reading every MoE block's `RouterOutput` (each token's K assignments `(e
 >= C being dropped; Soft MoE's dispatch weights); rows: counts per layer, never per token. They give the
 expert load against capacity, drops by choice rank, how many experts process each token, the class x expert
 shares of first choices and their normalised mutual information, the per-image decisions per class, and Soft
-MoE's dispatch entropy per slot. Per-token detail is kept only for a handful of images, the first of each
-class, routed again as one group for the patch maps: each patch's first-choice expert per layer, and which
+MoE's dispatch entropy per slot. Per-token detail is kept only for a handful of images, one per class, routed
+again as one group for the patch maps: each patch's first-choice expert per layer, and which
 patches keep a slot at a low capacity with and without Batch Priority Routing.
 
 Everything goes into OUT itself: PNG figures (eval/routing_plots.py), the numbers behind them as CSV, and
@@ -37,7 +37,7 @@ from vmoe_cli.models.vit import VisionTransformer
 from vmoe_cli.outputs import run_lock
 
 SUMMARY = "summary.json"
-PATCH_IMAGES = 8  # images in the patch maps: the first of each class (in class order), routed as one group
+PATCH_IMAGES = 8  # images in the patch maps: the first of each of the first classes met, routed as one group
 LOW_CAPACITY = 0.5  # capacity factor of the BPR vs vanilla patch maps, at K=1 (the paper's cheapest setting)
 
 
@@ -161,7 +161,8 @@ def count_batch(model: VisionTransformer, images: Tensor, labels: Tensor, num_cl
 def _pass(
     opened: Opened, source: EvalData, options: RoutingOptions, progress: ProgressFn | None
 ) -> tuple[dict[str, Any], dict[int, Tensor]]:
-    """The counts of the split's first `options.images` images, and the first image of each class."""
+    """The counts of the split's first `options.images` images, and the first image of each of the first
+    PATCH_IMAGES classes met."""
     num_classes = len(source.manifest["classes"])
     total = source.manifest["splits"][options.split]["count"]
     limit = min(total, options.images or total)
@@ -176,7 +177,8 @@ def _pass(
         tally["correct"] += counts["correct"]
         tally["seen"] += len(labels)
         for image, label in zip(images, labels.tolist(), strict=True):
-            examples.setdefault(label, image)
+            if len(examples) < PATCH_IMAGES and label not in examples:
+                examples[label] = image.clone()  # a copy: a view would keep the whole batch alive
         if progress is not None:
             progress(f"routing {options.split}", tally["seen"], limit)
         if tally["seen"] >= limit:
@@ -189,11 +191,11 @@ def _pass(
 
 @torch.inference_mode()
 def patch_maps(opened: Opened, examples: dict[int, Tensor], device: str = "cpu") -> PatchMaps:
-    """Route the first image of up to PATCH_IMAGES classes as one batch: first choices and kept patches at the
+    """Route the example images (class order) as one batch: first choices and kept patches at the
     model's setting, then (where BPR applies) kept patches at K=1, cf LOW_CAPACITY, vanilla and BPR. The model
     keeps that last setting."""
     model = opened.model
-    labels = sorted(examples)[:PATCH_IMAGES]
+    labels = sorted(examples)
     images = torch.stack([examples[c] for c in labels]).to(device)
     maps = PatchMaps(_pixels(images, opened.preprocess.mean, opened.preprocess.std), labels)
     for block, route in model(images).routing.items():

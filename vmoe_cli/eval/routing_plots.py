@@ -216,8 +216,7 @@ def patches(maps: PatchMaps, summary: dict[str, Any], out: Path) -> Figure:
             _hatch(grid[i][j], ~maps.kept[block][i])
             if i == 0:
                 grid[i][j].set_title(f"block {block}", fontsize=9)
-    fig.colorbar(image, ax=[ax for row in grid for ax in row[1:]], ticks=range(E), label="first-choice expert",
-                 shrink=0.6)  # fmt: skip
+    fig.colorbar(image, cax=fig.add_axes((0.87, 0.25, 0.03, 0.5)), ticks=range(E), label="first-choice expert")
     routing = summary["routing"]
     caption = (f"The first image of {len(maps.labels)} classes beside each MoE layer's patch grid, each patch "
                f"coloured and numbered by its first-choice expert at K={routing['k']}, "
@@ -251,8 +250,10 @@ def bpr_patches(maps: PatchMaps, names: list[str], low_capacity: float, out: Pat
 
 
 def _image_grid(rows: int, cols: int) -> tuple[Any, list[list[Any]]]:
+    """A grid of small image panels, laid out by hand (a layout engine costs seconds for this many panels)."""
     fig, axes = pyplot().subplots(rows, cols, figsize=(1.25 * cols + 1.2, 1.25 * rows + 0.5), squeeze=False,
-                                  layout="constrained")  # fmt: skip
+                                  gridspec_kw={"wspace": 0.08, "hspace": 0.08})  # fmt: skip
+    fig.subplots_adjust(left=0.06, right=0.84, bottom=0.02, top=1 - 0.5 / (1.25 * rows + 0.5))
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -267,16 +268,18 @@ def _show_image(ax: Any, pixels: np.ndarray, label: str | None) -> None:
 
 def _hatch(ax: Any, mask_hw: np.ndarray, cover: bool = False) -> None:
     """Hatch (and with `cover`, darken) the patches of `mask_hw` on an axes showing a patch grid or the image."""
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
     h, w = mask_hw.shape
     x0, x1 = ax.get_xlim()
     y1, y0 = ax.get_ylim()  # images put y = 0 at the top
     ph, pw = (y1 - y0) / h, (x1 - x0) / w
-    for r, c in zip(*np.nonzero(mask_hw), strict=True):
-        face = (0.1, 0.1, 0.1, 0.75) if cover else "none"
-        ax.add_patch(Rectangle((x0 + c * pw, y0 + r * ph), pw, ph, facecolor=face, edgecolor="white", hatch="xx",
-                               linewidth=0))  # fmt: skip
+    boxes = [Rectangle((x0 + c * pw, y0 + r * ph), pw, ph) for r, c in zip(*np.nonzero(mask_hw), strict=True)]
+    face = (0.1, 0.1, 0.1, 0.75) if cover else "none"
+    ax.add_collection(
+        PatchCollection(boxes, facecolor=face, edgecolor="white", hatch="x" if cover else "xx", linewidth=0)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- Soft MoE
