@@ -258,3 +258,13 @@ def test_bad_input_is_one_line_and_exit_2(make, extra, message, cache, tmp_path)
         run.mkdir()
     result = CliRunner().invoke(main, ["routing", str(run), "digits", "--cache-dir", str(cache), *extra])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
+
+
+def test_heatmap_cells_show_shares_that_round_to_one_as_one():
+    from vmoe_cli.eval.plots import pyplot
+    from vmoe_cli.eval.routing_plots import _heatmap
+
+    fig, ax = pyplot().subplots()
+    _heatmap(ax, np.array([[0.9996, 0.42, 0.0]]), 1.0)
+    assert [t.get_text() for t in ax.texts] == ["1.00", ".42", ".00"]
+    pyplot().close(fig)

@@ -157,7 +157,8 @@ def _heatmap(ax: Any, values: np.ndarray, vmax: float) -> Any:
     ax.set_xticks(range(values.shape[1]))
     if values.size <= ANNOTATE_CELLS:
         for (row, col), value in np.ndenumerate(values):
-            ax.text(col, row, f"{value:.2f}"[1:] if value < 1 else "1", ha="center", va="center", fontsize=6.5,
+            text = f"{value:.2f}".removeprefix("0")  # ".42"; "1.00" stays
+            ax.text(col, row, text, ha="center", va="center", fontsize=6.5,
                     color="black" if value > 0.55 * vmax else "white")  # fmt: skip
     return image
 
@@ -203,7 +204,7 @@ def patches(maps: PatchMaps, summary: dict[str, Any], out: Path) -> Figure:
     cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, E)))
     norm = BoundaryNorm(np.arange(-0.5, E), E)
     blocks = list(maps.first)
-    fig, grid = _image_grid(len(maps.labels), 1 + len(blocks))
+    fig, grid = _image_grid(len(maps.labels), 1 + len(blocks), colorbar=True)
     for i, label in enumerate(maps.labels):
         _show_image(grid[i][0], maps.pixels[i], summary["classes"][label])
         for j, block in enumerate(blocks, 1):
@@ -216,12 +217,12 @@ def patches(maps: PatchMaps, summary: dict[str, Any], out: Path) -> Figure:
             _hatch(grid[i][j], ~maps.kept[block][i])
             if i == 0:
                 grid[i][j].set_title(f"block {block}", fontsize=9)
-    fig.colorbar(image, cax=fig.add_axes((0.87, 0.25, 0.03, 0.5)), ticks=range(E), label="first-choice expert")
+    right = grid[0][-1].get_position().x1
+    fig.colorbar(image, cax=fig.add_axes((right + 0.03, 0.25, 0.03, 0.5)), ticks=range(E), label="first-choice expert")
     routing = summary["routing"]
-    caption = (f"The first image of {len(maps.labels)} classes beside each MoE layer's patch grid, each patch "
-               f"coloured and numbered by its first-choice expert at K={routing['k']}, "
-               f"cf {routing['capacity_factor']}; hatched patches were dropped by all their choices (the images "
-               f"routed together as one group).")  # fmt: skip
+    caption = (f"The first image of {len(maps.labels)} classes, routed together as one group, beside each MoE "
+               f"block's patch grid, each patch coloured and numbered by its first-choice expert at K={routing['k']}, "
+               f"cf {routing['capacity_factor']}; hatched patches were dropped by all their choices.")  # fmt: skip
     return _entry(fig, out, "patches.png", "Patch maps: first-choice expert per patch", caption)
 
 
@@ -229,7 +230,7 @@ def bpr_patches(maps: PatchMaps, names: list[str], low_capacity: float, out: Pat
     """Rows of images: the image, then per MoE layer the patches that keep a slot at K=1 and a low capacity,
     vanilla beside BPR; dropped patches are covered (dark, hatched)."""
     blocks = list(maps.first)
-    fig, grid = _image_grid(len(maps.labels), 1 + 2 * len(blocks))
+    fig, grid = _image_grid(len(maps.labels), 1 + 2 * len(blocks), colorbar=False)
     kept_share = {}
     for i, label in enumerate(maps.labels):
         _show_image(grid[i][0], maps.pixels[i], names[label])
@@ -240,20 +241,24 @@ def bpr_patches(maps: PatchMaps, names: list[str], low_capacity: float, out: Pat
             _hatch(grid[i][j], ~kept[i], cover=True)
     for j, (block, name) in enumerate(((b, n) for b in blocks for n in ("vanilla", "bpr")), 1):
         grid[0][j].set_title(f"block {block}\n{'BPR' if name == 'bpr' else 'vanilla'}", fontsize=9)
-    kept = ", ".join(f"block {b} {100 * kept_share[b, 'vanilla']:.0f}%" for b in blocks)
-    caption = (f"At K=1 and capacity factor {low_capacity:g} the same images keep the same number of patches with "
-               f"and without Batch Priority Routing ({kept}), but vanilla routing fills the buffers in token order "
-               f"(top rows, first images) while BPR keeps the patches with the largest router weight; covered "
-               f"patches are dropped.")  # fmt: skip
+    kept = "; ".join(f"block {b}: {100 * kept_share[b, 'vanilla']:.0f}% vanilla, {100 * kept_share[b, 'bpr']:.0f}% BPR"
+                     for b in blocks)  # fmt: skip
+    caption = (f"At K=1 and capacity factor {low_capacity:g} about as many patches keep a slot with and without "
+               f"Batch Priority Routing ({kept}), but not the same ones: vanilla routing fills the buffers in token "
+               f"order (first images, top rows first) while BPR keeps the patches with the largest router weight; "
+               f"covered patches are dropped.")  # fmt: skip
     return _entry(fig, out, "bpr-patches.png", f"Which patches keep a slot at capacity factor {low_capacity:g}",
                   caption)  # fmt: skip
 
 
-def _image_grid(rows: int, cols: int) -> tuple[Any, list[list[Any]]]:
-    """A grid of small image panels, laid out by hand (a layout engine costs seconds for this many panels)."""
-    fig, axes = pyplot().subplots(rows, cols, figsize=(1.25 * cols + 1.2, 1.25 * rows + 0.5), squeeze=False,
+def _image_grid(rows: int, cols: int, colorbar: bool) -> tuple[Any, list[list[Any]]]:
+    """A grid of small image panels (and room for a colour bar on the right), laid out by hand: a layout engine
+    costs seconds for this many panels."""
+    width, height = 1.25 * cols + (1.2 if colorbar else 0.4), 1.25 * rows + 0.5
+    fig, axes = pyplot().subplots(rows, cols, figsize=(width, height), squeeze=False,
                                   gridspec_kw={"wspace": 0.08, "hspace": 0.08})  # fmt: skip
-    fig.subplots_adjust(left=0.06, right=0.84, bottom=0.02, top=1 - 0.5 / (1.25 * rows + 0.5))
+    fig.subplots_adjust(left=0.3 / width, right=1 - (1.0 if colorbar else 0.1) / width, bottom=0.1 / height,
+                        top=1 - 0.5 / height)  # fmt: skip
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
