@@ -481,14 +481,18 @@ def routing(run: str, data: str, split: str, out_dir: Path | None, images: int |
 def routing_table(summary: dict) -> Table:
     """The routing analysis per MoE block: drops, experts per token, busiest expert, specialisation."""
     routing = summary["routing"]
-    top1 = "" if summary["top1"] is None else f"; top-1 {100 * summary['top1']:.2f}%"
-    cf = routing["capacity_factor"] if routing["capacity"] is None else f"C={routing['capacity']}"
+    setting = {  # only the settings the router has (Soft MoE: none at inference)
+        "k": f"K={routing['k']}",
+        "capacity_factor": f"cf {routing['capacity_factor']}"
+        if routing["capacity"] is None
+        else f"C={routing['capacity']}",
+        "bpr": f"BPR {'on' if routing['bpr'] else 'off'}",
+    }
+    caption = ", ".join([routing["router"], f"E={routing['experts']}", *(setting[a] for a in routing["axes"])])
+    if summary["top1"] is not None:
+        caption += f"; top-1 {100 * summary['top1']:.2f}%"
     what = f"{summary['split']}, {summary['images']} images"
-    table = Table(
-        title=f"routing of {summary['checkpoint']} on {summary['data']} ({what})",
-        caption=f"{routing['router']}, E={routing['experts']}, K={routing['k']}, cf {cf}, "
-        f"BPR {'on' if routing['bpr'] else 'off'}{top1}",
-    )
+    table = Table(title=f"routing of {summary['checkpoint']} on {summary['data']} ({what})", caption=caption)
     layers = summary["layers"]
     if any("effective_tokens_mean" in v for v in layers.values()):  # Soft MoE
         table.add_column("block", justify="right")

@@ -285,9 +285,9 @@ def _summary(opened: Opened, source: EvalData, options: RoutingOptions, tally: d
     summary = {
         "checkpoint": str(opened.name), "data": source.name, "split": options.split, "images": tally["seen"],
         "top1": tally["correct"] / tally["seen"] if opened.model.cfg.num_classes == len(classes) else None,
-        "routing": {"router": moe.router, "k": moe.k, "capacity_factor": moe.capacity_factor,
-                    "capacity": moe.capacity, "bpr": moe.bpr, "experts": moe.num_experts,
-                    "tokens_per_image": opened.model.cfg.tokens_per_image},
+        "routing": {"router": moe.router, "axes": list(moe.kind.sweep_axes), "k": moe.k,
+                    "capacity_factor": moe.capacity_factor, "capacity": moe.capacity, "bpr": moe.bpr,
+                    "experts": moe.num_experts, "tokens_per_image": opened.model.cfg.tokens_per_image},
         "classes": classes,
         "layers": {str(b): layer_summary(c, moe.k) for b, c in sorted(tally["layers"].items())},
     }  # fmt: skip

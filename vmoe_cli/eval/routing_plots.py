@@ -300,7 +300,7 @@ def soft_entropy(layers: dict[int, dict[str, Any]], tokens: int, out: Path) -> F
                 linestyle=("-", "--", ":", "-.")[i % 4], label=f"block {block}")  # fmt: skip
     ax.axhline(tokens, color="black", linestyle=":", linewidth=1)
     ax.annotate(f"uniform over the image's {tokens} tokens", (0.01, tokens), xycoords=("axes fraction", "data"),
-                va="bottom", fontsize=8)  # fmt: skip
+                va="top", fontsize=8)  # fmt: skip
     ax.set(xlabel="slot (sorted)", ylabel="effective tokens per slot (exp entropy)", ylim=(0, tokens * 1.1))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=8)
