@@ -141,7 +141,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(vmoe_run, cache, tmp_path, m
     resumed = sweep(vmoe_run, "digits", points, tmp_path / "cut", FAST, cache_dir=cache, progress=stop_after_three)
     # the pass starts where it stopped (batches 0-2 not redone) and ends at the split's 359 images
     assert [done for what, done in seen if what.startswith("accuracy")] == [192, 256, 320, 359]
-    timing = {"images_per_s", "latency_ms"}
+    timing = {"images_per_s", "images_per_s_min", "images_per_s_max", "repeat_ms", "latency_ms"}
     strip = [{k: v for k, v in r.items() if k not in timing} for r in whole["rows"]]
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in resumed["rows"]]
 
@@ -224,3 +224,57 @@ def test_an_unreadable_state_is_replaced_with_a_warning(vmoe_run, cache, tmp_pat
     assert capsys.readouterr().err == (warning if warned else "")
     assert [r["top1"] for r in again["rows"]] == [r["top1"] for r in first["rows"]]
     assert json.loads(state_file.read_text())["batches_done"] == 6  # rebuilt and saved whole
+
+
+def test_timing_keeps_every_repeat_and_the_range(vmoe_run, cache, tmp_path):
+    options = SweepOptions(batch_size=64, throughput_batch=8, repeats=3, warmup=0)
+    row = sweep(vmoe_run, "digits", [GridPoint(1, 1.0, True)], tmp_path, options, cache_dir=cache)["rows"][0]
+    assert len(row["repeat_ms"]) == 3
+    speeds = sorted(8000 / ms for ms in row["repeat_ms"])
+    assert row["images_per_s_min"] == pytest.approx(speeds[0]) and row["images_per_s_max"] == pytest.approx(speeds[-1])
+    assert row["images_per_s"] == pytest.approx(speeds[1])  # the median of three
+
+
+def synthetic_sweep() -> dict:
+    """Sweep results as eval.sweep writes them: K 1 and 2, BPR on and off, 3 capacities, a noisy speed."""
+    rows = []
+    for k in (1, 2):
+        for bpr in (True, False):
+            for i, cf in enumerate((0.5, 1.0, 1.25)):
+                speed = 1000.0 * (3 - i) / k
+                rows.append({
+                    "k": k, "bpr": bpr, "capacity_factor": cf, "top1": 0.8 + 0.02 * i + 0.01 * bpr,
+                    "gflops": 0.02 * k * cf, "images_per_s": speed, "images_per_s_min": speed / 3,
+                    "images_per_s_max": speed * 1.5, "dropped_all": 0.3 / (i + 1), "dropped_any": 0.5 / (i + 1),
+                })  # fmt: skip
+    base = {
+        "top1": 0.81,
+        "gflops": 0.02,
+        "images_per_s": 2500.0,
+        "images_per_s_min": 2000.0,
+        "images_per_s_max": 2600.0,
+    }
+    return {"rows": rows, "trained": {"k": 2, "capacity_factor": 1.25, "bpr": False}, "baseline": base,
+            "split": "test", "checkpoint": "runs/x", "data": "shards/y"}  # fmt: skip
+
+
+def test_sweep_figure_tells_bpr_from_vanilla_without_colour_and_keeps_the_legend_off_the_data():
+    from vmoe_cli.eval.plots import sweep_figure
+
+    fig = sweep_figure(synthetic_sweep())
+    acc, speed = fig.axes[0], fig.axes[1]
+    curves = {line.get_label(): line for line in acc.get_lines()}
+    bpr, vanilla = curves["K=2, BPR"], curves["K=2, vanilla"]
+    assert bpr.get_linestyle() != vanilla.get_linestyle() and bpr.get_markerfacecolor() != vanilla.get_markerfacecolor()
+    assert curves["K=1, BPR"].get_marker() != bpr.get_marker()  # K shows without colour too
+    trained = curves["trained: K=2, cf 1.25, vanilla"]
+    assert (trained.get_xdata()[0], trained.get_ydata()[0]) == pytest.approx((0.02 * 2 * 1.25, 100 * 0.84))
+    assert "dense twin (81.00%)" in curves
+    # the speed panel: median with bars from the slowest to the fastest repeat
+    bars = [c for c in speed.containers if c.has_yerr]
+    assert len(bars) == 4
+    segments = bars[0].lines[2][0].get_segments()
+    assert [tuple(s[:, 1]) for s in segments][0] == pytest.approx((1000.0, 4500.0))  # K=1 BPR, cf 0.5: 3000/3 .. x1.5
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert not any(legend.overlaps(ax.get_window_extent()) for ax in fig.axes)

@@ -63,6 +63,7 @@ def main() -> None:
       vmoe fewshot --checkpoint runs/digits-vmoe shards/digits
       vmoe sweep-capacity shards/digits --checkpoint runs/digits-vmoe --baseline runs/digits-vit
       vmoe report runs/digits-vmoe
+      vmoe routing runs/digits-vmoe shards/digits
       vmoe superclasses shards/fmnist --checkpoint runs/fmnist-vit --experts 4 --out superclasses.json
       vmoe convert-jax vmoe_s32_last2_ilsvrc2012_randaug_light1 --out runs/vmoe-s32-jax
       vmoe quickstart
@@ -534,6 +535,84 @@ def report(run_dir: Path, out: Path | None, sweeps: tuple[Path, ...], fewshots: 
     for note in done.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {done.path} ({done.figures} figures, {len(done.notes)} notes)")
+
+
+@main.command("routing")
+@click.argument("run", metavar="RUN_OR_CHECKPOINT")
+@click.argument("data")
+@click.option("--split", default="test", show_default=True, help="Split analysed.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Output folder [default: RUN/routing for a run directory, else runs/routing-NAME].")  # fmt: skip
+@click.option("--images", type=int, help="Analyse only the split's first N images [default: all].")
+@click.option("--k", type=int, help="Experts per token at inference [default: the checkpoint's].")
+@click.option("--capacity-factor", type=float, help="Capacity factor at inference [default: the checkpoint's].")
+@click.option("--bpr/--no-bpr", default=None, help="Batch Priority Routing at inference [default: the checkpoint's].")
+@click.option("--batch-size", default=256, show_default=True, help="Images per forward pass.")
+@CACHE_DIR
+def routing(run: str, data: str, split: str, out_dir: Path | None, images: int | None, k: int | None,
+            capacity_factor: float | None, bpr: bool | None, batch_size: int, cache_dir: Path) -> None:  # fmt: skip
+    """What the routers of a V-MoE do on DATA: expert load, drops, experts per token, class x expert shares
+    and their specialisation score, patch maps, and BPR vs vanilla at a low capacity.
+
+    DATA is shards or any `vmoe shard` source. Writes PNG figures, the numbers behind them as CSV, and
+    summary.json (the figures in order, with captions) into --out.
+
+    \b
+    Example:
+      vmoe routing runs/fmnist-vmoe shards/fmnist --images 2000
+    """
+    import torch
+
+    from vmoe_cli.eval.routing_analysis import RoutingOptions, analyse_routing
+
+    if out_dir is None:
+        out_dir = (
+            Path(run) / "routing"
+            if (Path(run) / "checkpoints").is_dir()
+            else Path("runs") / f"routing-{Path(run).resolve().name}"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = RoutingOptions(split, images, k, capacity_factor, bpr, batch_size, device)
+    start = time.perf_counter()
+    with _progress_bar() as show:
+        summary = analyse_routing(run, data, out_dir, options, cache_dir, progress=show)
+    _console().print(routing_table(summary))
+    figures = ", ".join(f["file"] for f in summary["figures"])
+    click.echo(f"{summary['images']} images in {time.perf_counter() - start:.1f} s; wrote {out_dir}/summary.json, "
+               f"CSV files and {figures}")  # fmt: skip
+
+
+def routing_table(summary: dict) -> Table:
+    """The routing analysis per MoE block: drops, experts per token, busiest expert, specialisation."""
+    routing = summary["routing"]
+    setting = {  # only the settings the router has (Soft MoE: none at inference)
+        "k": f"K={routing['k']}",
+        "capacity_factor": f"cf {routing['capacity_factor']}"
+        if routing["capacity"] is None
+        else f"C={routing['capacity']}",
+        "bpr": f"BPR {'on' if routing['bpr'] else 'off'}",
+    }
+    caption = ", ".join([routing["router"], f"E={routing['experts']}", *(setting[a] for a in routing["axes"])])
+    if summary["top1"] is not None:
+        caption += f"; top-1 {100 * summary['top1']:.2f}%"
+    what = f"{summary['split']}, {summary['images']} images"
+    table = Table(title=f"routing of {summary['checkpoint']} on {summary['data']} ({what})", caption=caption)
+    layers = summary["layers"]
+    if any("effective_tokens_mean" in v for v in layers.values()):  # Soft MoE
+        table.add_column("block", justify="right")
+        table.add_column("effective tokens per slot (mean)", justify="right")
+        for block, v in layers.items():
+            table.add_row(block, f"{v['effective_tokens_mean']:.2f}")
+        return table
+    columns = ["block", "dropped all %", "dropped any %", "0 / 1 / 2+ experts %", "busiest expert % of C", "NMI"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    for block, v in layers.items():
+        spread = " / ".join(f"{100 * v['experts_per_token'][n]:.1f}" for n in ("0", "1", "2+"))
+        busiest = max(v["requested"] or v["load"])
+        table.add_row(block, f"{100 * v['dropped_all']:.1f}", f"{100 * v['dropped_any']:.1f}", spread,
+                      f"{100 * busiest:.0f}", f"{v['specialisation_nmi']:.3f}")  # fmt: skip
+    return table
 
 
 @main.command("superclasses")

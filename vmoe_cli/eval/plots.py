@@ -1,55 +1,143 @@
-"""The capacity sweep's figure: accuracy vs GFLOPs, accuracy vs measured images/s, dropped tokens vs capacity."""
+"""Figures: what every figure shares (matplotlib on Agg, styles readable in grey, atomic PNG writes), and the
+capacity sweep's figure. The routing analysis's figures are in eval/routing_plots.py.
+
+Every figure must read in grey as well as in colour: curves differ by line style and marker as well as by
+colour, bars by hatching, and maps use viridis or cividis, whose lightness changes monotonically.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+from vmoe_cli.atomic import write_bytes_atomic
 from vmoe_cli.errors import VmoeError
 
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00")  # Okabe-Ito: safe for colour blindness
+MARKERS = ("o", "s", "^", "D", "v", "P")
+HATCHES = ("", "//", "xx", "..", "\\\\", "++", "oo", "--")
+DPI = 100
 
-def plot_sweep(results: dict[str, Any], out: str | Path) -> Path:
-    """Draw `results` (from eval.sweep.sweep) as one PNG of three panels; one curve per (K, BPR)."""
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display needed); a one-line VmoeError when it is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise VmoeError(
-            "the sweep plot needs matplotlib: pip install 'vmoe[plot]' (tables and CSV are written)"
-        ) from None
-    fig, (acc_flops, acc_speed, dropped) = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
+        raise VmoeError("figures need matplotlib: pip install 'vmoe[plot]'") from None
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """`fig` as a PNG at `path`, written atomically, and closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    pyplot().close(fig)
+    path = Path(path)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def plot_sweep(results: dict[str, Any], out: str | Path) -> Path:
+    """Draw `results` (from eval.sweep.sweep) as one PNG: `sweep_figure`."""
+    return save_figure(sweep_figure(results), out)
+
+
+def sweep_figure(results: dict[str, Any]) -> Any:
+    """Four panels: top-1 vs GFLOPs, measured images/s (median and range over repeats) vs capacity factor, and
+    tokens dropped by all and by any of their choices vs capacity factor.
+
+    One curve per (K, BPR): K sets colour and marker, BPR the line (solid, filled markers) against vanilla
+    (dashed, larger open markers, drawn on top so that both show where they coincide). The trained setting is ringed
+    and its capacity factor a dotted vertical line; the dense twin is a star and a dotted horizontal line.
+    The legend sits below the panels.
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), layout="constrained")
+    acc, speed, dropped_all, dropped_any = axes.flat
     curves: dict[tuple[int, bool], list[dict[str, Any]]] = {}
     for row in results["rows"]:
         curves.setdefault((row["k"], row["bpr"]), []).append(row)
-    trained_k = results["trained"]["k"]
-    for (k, bpr), rows in sorted(curves.items()):
+    ks = sorted({k for k, _ in curves})
+    trained = results["trained"]
+    for (k, bpr), rows in sorted(curves.items(), key=lambda item: (item[0][0], not item[0][1])):
         rows = sorted(rows, key=lambda r: r["capacity_factor"])
-        style = {"marker": "o" if bpr else "s", "linestyle": "-" if bpr else "--", "markersize": 4}
-        label = f"K={k}{' (above trained)' if k > trained_k else ''}, {'BPR' if bpr else 'vanilla'}"
-        top1 = [100 * r["top1"] for r in rows]
-        line = acc_flops.plot([r["gflops"] for r in rows], top1, label=label, **style)[0]
-        acc_speed.plot([r["images_per_s"] for r in rows], top1, label=label, color=line.get_color(), **style)
+        style = _curve_style(ks.index(k), bpr)
+        label = f"K={k}{' (above trained)' if k > trained['k'] else ''}, {'BPR' if bpr else 'vanilla'}"
         cf = [r["capacity_factor"] for r in rows]
-        dropped.plot(cf, [100 * r["dropped_all"] for r in rows], label=f"{label}: by all", color=line.get_color(),
-                     **style)  # fmt: skip
-        dropped.plot(cf, [100 * r["dropped_any"] for r in rows], label=f"{label}: by any", color=line.get_color(),
-                     alpha=0.4, **style)  # fmt: skip
-    base = results.get("baseline")
-    if base:
-        acc_flops.plot([base["gflops"]], [100 * base["top1"]], "k*", markersize=12, label="dense twin")
-        acc_speed.plot([base["images_per_s"]], [100 * base["top1"]], "k*", markersize=12, label="dense twin")
-    acc_flops.set(xlabel="GFLOPs per image (analytic)", ylabel=f"top-1 on {results['split']} (%)")
-    acc_speed.set(xlabel="images/s (measured)", ylabel=f"top-1 on {results['split']} (%)")
-    dropped.set(xlabel="capacity factor", ylabel="tokens dropped (%)", xscale="log")
-    for ax in (acc_flops, acc_speed, dropped):
+        acc.plot([r["gflops"] for r in rows], [100 * r["top1"] for r in rows], label=label, **style)
+        _speed_curve(speed, cf, rows, style)
+        dropped_all.plot(cf, [100 * r["dropped_all"] for r in rows], **style)
+        dropped_any.plot(cf, [100 * r["dropped_any"] for r in rows], **style)
+        _mark_trained(acc, rows, trained)
+    _dense_twin(acc, speed, results.get("baseline"))
+    split = results["split"]
+    acc.set(xlabel="GFLOPs per image (analytic)", ylabel=f"top-1 on {split} (%)", title="accuracy and cost")
+    speed.set(ylabel="images/s (measured)", title="measured speed: median, bar = range over repeats")
+    speeds = [r[key] for r in results["rows"] for key in ("images_per_s", "images_per_s_min") if r.get(key)]
+    if max(speeds) > 10 * min(speeds):  # a busy machine: a linear axis would flatten the slow settings
+        speed.set_yscale("log")
+    dropped_all.set(ylabel="tokens dropped (%)", title="tokens dropped by all of their choices")
+    dropped_any.set(ylabel="tokens dropped (%)", title="tokens dropped by at least one choice")
+    capacities = sorted({r["capacity_factor"] for r in results["rows"]})
+    for ax in (speed, dropped_all, dropped_any):
+        ax.set(xlabel="capacity factor", xscale="log")
+        ax.set_xticks(capacities, [f"{cf:g}" for cf in capacities], minor=False)
+        ax.set_xticks([], minor=True)
+        if trained.get("capacity_factor"):
+            ax.axvline(trained["capacity_factor"], color="grey", linestyle=":", linewidth=1)
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"capacity sweep of {results['checkpoint']} on {results['data']}")
-    path = Path(out)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    handles, labels = acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8, frameon=False)
+    fig.suptitle(f"capacity sweep of {results['checkpoint']} on {results['data']} (dotted vertical: trained cf)")
+    return fig
+
+
+def _curve_style(index: int, bpr: bool) -> dict[str, Any]:
+    """Colour and marker from the K's index; solid with filled markers for BPR, dashed with larger open ones
+    otherwise, so that a vanilla point on a BPR point shows as a ring around it."""
+    colour = COLOURS[index % len(COLOURS)]
+    return {
+        "color": colour, "marker": MARKERS[index % len(MARKERS)], "markersize": 6 if bpr else 8,
+        "linestyle": "-" if bpr else "--", "markerfacecolor": colour if bpr else "none", "zorder": 3 if bpr else 4,
+    }  # fmt: skip
+
+
+def _mark_trained(ax: Any, rows: list[dict[str, Any]], trained: dict[str, Any]) -> None:
+    """A black ring around the trained setting's point, when the sweep has it."""
+    for r in rows:
+        if (r["k"], r["capacity_factor"], r["bpr"]) == (trained["k"], trained["capacity_factor"], trained["bpr"]):
+            label = f"trained: K={r['k']}, cf {r['capacity_factor']:g}, {'BPR' if r['bpr'] else 'vanilla'}"
+            ax.plot([r["gflops"]], [100 * r["top1"]], "o", markersize=16, markerfacecolor="none",
+                    markeredgecolor="black", markeredgewidth=1.5, zorder=5, label=label)  # fmt: skip
+
+
+def _speed_curve(ax: Any, cf: list[float], rows: list[dict[str, Any]], style: dict[str, Any]) -> None:
+    """Median images/s per capacity factor, with bars over the repeats' range where the sweep recorded it."""
+    median = [r["images_per_s"] for r in rows]
+    if all(r.get("images_per_s_min") is not None for r in rows):
+        spread = [[m - r["images_per_s_min"] for m, r in zip(median, rows, strict=True)],
+                  [r["images_per_s_max"] - m for m, r in zip(median, rows, strict=True)]]  # fmt: skip
+        ax.errorbar(cf, median, yerr=spread, capsize=3, elinewidth=1, **style)
+    else:
+        ax.plot(cf, median, **style)
+
+
+def _dense_twin(acc: Any, speed: Any, base: dict[str, Any] | None) -> None:
+    """The dense twin: a star on accuracy vs cost with a dotted line at its top-1, and its speed as a dotted line
+    with a grey band over its repeats' range."""
+    if not base:
+        return
+    acc.plot([base["gflops"]], [100 * base["top1"]], "*", color="black", markersize=14, zorder=6,
+             label=f"dense twin ({100 * base['top1']:.2f}%)")  # fmt: skip
+    acc.axhline(100 * base["top1"], color="black", linestyle=":", linewidth=1)
+    speed.axhline(base["images_per_s"], color="black", linestyle=":", linewidth=1)
+    if base.get("images_per_s_min") is not None:
+        speed.axhspan(base["images_per_s_min"], base["images_per_s_max"], color="grey", alpha=0.15, linewidth=0)
+    speed.annotate("dense twin", (0.01, base["images_per_s"]), xycoords=("axes fraction", "data"), fontsize=8,
+                   va="bottom")  # fmt: skip

@@ -4,7 +4,7 @@ A trained model gets cheaper at inference by routing each token to fewer experts
 the expert buffers (cf < 1); with Batch Priority Routing the tokens that keep their slots are the ones the
 router is surest about. For every grid point this records top-1 on a split, the fraction of tokens dropped
 by all / at least one of their choices, per-layer expert load, analytic GFLOPs per image, and measured
-throughput and latency of the full forward pass.
+throughput and latency of the full forward pass (median, and the range over the timed repeats).
 
 Cost: the model is loaded once; each batch is embedded and run through the dense blocks before the first
 MoE block once, and only the remaining blocks run per grid point. Progress is saved every few seconds
@@ -39,7 +39,7 @@ SAVE_EVERY_S = 10.0  # seconds between saves of the sweep state
 POINT_FIELDS = {"correct": int, "total": int, "dropped_all": dict, "dropped_any": dict, "expert_load": dict}  # sums
 CSV_COLUMNS = (
     "k", "capacity_factor", "bpr", "k_above_trained", "top1", "dropped_all", "dropped_any", "gflops",
-    "images_per_s", "latency_ms", "fewshot_top1",
+    "images_per_s", "images_per_s_min", "images_per_s_max", "latency_ms", "fewshot_top1",
 )  # fmt: skip
 
 
@@ -237,7 +237,8 @@ def _row(model: VisionTransformer, p: GridPoint, r: dict[str, Any], trained_k: i
         "expert_load_per_layer": {layer: [v / n for v in load] for layer, load in r["expert_load"].items()},
         "gflops": flops_per_image(model.cfg, batch_size) / 1e9,
         "images_per_s": r["images_per_s"], "latency_ms": r["latency_ms"],
-        "fewshot_top1": r.get("fewshot_top1"),
+        "images_per_s_min": r.get("images_per_s_min"), "images_per_s_max": r.get("images_per_s_max"),
+        "repeat_ms": r.get("repeat_ms"), "fewshot_top1": r.get("fewshot_top1"),
     }  # fmt: skip
 
 
@@ -289,8 +290,9 @@ def _accumulate(result: dict[str, Any], logits: torch.Tensor, labels: torch.Tens
 
 
 @torch.inference_mode()
-def time_forward(model: VisionTransformer, images: torch.Tensor, options: SweepOptions) -> dict[str, float]:
-    """Median wall time of the full forward pass on `images` after warm-up: images/s and latency."""
+def time_forward(model: VisionTransformer, images: torch.Tensor, options: SweepOptions) -> dict[str, Any]:
+    """Wall time of the full forward pass on `images` after warm-up: median images/s and latency, the slowest
+    and fastest repeat's images/s (a busy machine shows as a wide range) and every repeat's milliseconds."""
     times = []
     for i in range(options.warmup + options.repeats):
         if images.is_cuda:
@@ -302,7 +304,11 @@ def time_forward(model: VisionTransformer, images: torch.Tensor, options: SweepO
         if i >= options.warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"images_per_s": len(images) / seconds, "latency_ms": 1000 * seconds}
+    return {
+        "images_per_s": len(images) / seconds, "latency_ms": 1000 * seconds,
+        "images_per_s_min": len(images) / max(times), "images_per_s_max": len(images) / min(times),
+        "repeat_ms": [1000 * t for t in times],
+    }  # fmt: skip
 
 
 def _baseline(

@@ -177,7 +177,8 @@ class SoftMoEMlp(nn.Module):
         y_BND = torch.einsum("bnep,ebpd->bnd", combine_BNEP, out_EBPD)
         zero = x_BND.new_zeros((), dtype=torch.float32)
         metrics = {"dropped_all": zero, "dropped_any": zero, "scale": self.scale.detach().float()}
-        return MlpOutput(y=y_BND, routing=RouterOutput(plan=None, aux_loss=zero, compute_metrics=lambda: metrics))
+        routing = RouterOutput(plan=None, aux_loss=zero, compute_metrics=lambda: metrics, dispatch_BNEP=dispatch_BNEP)
+        return MlpOutput(y=y_BND, routing=routing)
 
 
 def make_moe_mlp(dim: int, hidden: int, cfg: MoEConfig, tokens: int, gelu: str) -> nn.Module:

@@ -93,6 +93,7 @@ class RouterOutput:
     aux_loss: Tensor  # scalar, already weighted, to add to the task loss
     compute_metrics: Callable[[], dict[str, Tensor]]  # the `metrics` below
     logits_GSE: Tensor | None = None  # float32 router logits the choice was made on (noisy in training)
+    dispatch_BNEP: Tensor | None = None  # Soft MoE: each slot's softmax weights over its image's N tokens
 
     @functools.cached_property
     def metrics(self) -> dict[str, Tensor]:
