@@ -9,7 +9,8 @@ from vmoe_cli.errors import VmoeError
 
 
 def plot_sweep(results: dict[str, Any], out: str | Path) -> Path:
-    """Draw `results` (from eval.sweep.sweep) as one PNG of three panels; one curve per (K, BPR)."""
+    """Draw `results` (from eval.sweep.sweep) as one PNG of three panels; one curve per (K, BPR), and a diamond
+    per dropless point (no capacity: it has no place on the dropped-tokens panel)."""
     try:
         import matplotlib
 
@@ -21,8 +22,10 @@ def plot_sweep(results: dict[str, Any], out: str | Path) -> Path:
         ) from None
     fig, (acc_flops, acc_speed, dropped) = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
     curves: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    dropless_rows = [row for row in results["rows"] if row.get("dropless")]
     for row in results["rows"]:
-        curves.setdefault((row["k"], row["bpr"]), []).append(row)
+        if not row.get("dropless"):
+            curves.setdefault((row["k"], row["bpr"]), []).append(row)
     trained_k = results["trained"]["k"]
     for (k, bpr), rows in sorted(curves.items()):
         rows = sorted(rows, key=lambda r: r["capacity_factor"])
@@ -36,6 +39,10 @@ def plot_sweep(results: dict[str, Any], out: str | Path) -> Path:
                      **style)  # fmt: skip
         dropped.plot(cf, [100 * r["dropped_any"] for r in rows], label=f"{label}: by any", color=line.get_color(),
                      alpha=0.4, **style)  # fmt: skip
+    for row in dropless_rows:
+        style = {"marker": "D", "markersize": 8, "linestyle": "none", "label": f"K={row['k']}, dropless"}
+        point = acc_flops.plot([row["gflops"]], [100 * row["top1"]], **style)[0]
+        acc_speed.plot([row["images_per_s"]], [100 * row["top1"]], color=point.get_color(), **style)
     base = results.get("baseline")
     if base:
         acc_flops.plot([base["gflops"]], [100 * base["top1"]], "k*", markersize=12, label="dense twin")
