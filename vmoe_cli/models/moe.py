@@ -68,6 +68,14 @@ def sort_by_expert(x_GSD: Tensor, plan: Plan) -> tuple[Tensor, list[int], Tensor
     return rows_AD, counts, position_A.view(G, S, K)
 
 
+@torch.compiler.disable  # eager under torch.compile: the counts would make it recompile for every batch
+def dropless_experts(x_GSD: Tensor, plan: Plan, experts: Experts) -> tuple[Tensor, Tensor]:
+    """Every assignment of `plan` through its expert, no buffers: the outputs `[1, A, D]` and each assignment's
+    row in them `[G, S, K]`, for `combine`."""
+    rows_AD, counts, row_GSK = sort_by_expert(x_GSD, plan)
+    return experts.sorted_rows(rows_AD, counts).unsqueeze(0), row_GSK
+
+
 def combine(out_ECD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
     """Each token's gate-weighted sum of its expert outputs: `[E, G*C, D]` -> `[G, S, D]`.
 
@@ -178,8 +186,7 @@ class MoEMlp(nn.Module):
             # No buffers: the plan's capacity becomes S, the most choices one expert can get from a group (a token
             # chooses an expert at most once), so no slot counts as dropped, in the metrics too.
             plan.capacity = S
-            rows_AD, counts, row_GSK = sort_by_expert(x_GSD, plan)
-            out_ECD = self.experts.sorted_rows(rows_AD, counts).unsqueeze(0)  # E = 1, one row per assignment
+            out_ECD, row_GSK = dropless_experts(x_GSD, plan, self.experts)  # E = 1, one row per assignment
         else:
             row_GSK = buffer_rows(plan)
             out_ECD = self.experts(dispatch(x_GSD, plan, row_GSK))
