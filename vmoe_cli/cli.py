@@ -345,12 +345,17 @@ def finetune(recipe: Path, source: Path, overrides: tuple[str, ...], out_dir: Pa
 @click.option("--k", type=int, help="Experts per token at inference [default: the checkpoint's].")
 @click.option("--capacity-factor", type=float, help="Capacity factor at inference [default: the checkpoint's].")
 @click.option("--bpr/--no-bpr", default=None, help="Batch Priority Routing at inference [default: the checkpoint's].")
+@click.option(
+    "--dropless/--no-dropless",
+    default=None,
+    help="Dropless execution (every choice computed) or capacity [default: the checkpoint's].",
+)
 @click.option("--batch-size", default=256, show_default=True, help="Images per forward pass.")
 @CACHE_DIR
 @click.option("--pixels-size", default=28, show_default=True, help="Image side for --checkpoint pixels.")
 def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, l2: str, kind: str, out: Path | None,
-            k: int | None, capacity_factor: float | None, bpr: bool | None, batch_size: int, cache_dir: Path,
-            pixels_size: int) -> None:  # fmt: skip
+            k: int | None, capacity_factor: float | None, bpr: bool | None, dropless: bool | None, batch_size: int,
+            cache_dir: Path, pixels_size: int) -> None:  # fmt: skip
     """Linear few-shot accuracy of a frozen backbone on each DATA (shards, an index or any `vmoe shard` source).
 
     Features (pre-logits) are extracted once per checkpoint and data and cached; a second call with other
@@ -367,7 +372,7 @@ def fewshot(datasets: tuple[str, ...], checkpoint: str, shots: str, seeds: int, 
         writable_file(out, "--out")
     shot_list = _int_list(shots, "--shots")
     fixed_l2 = None if l2 == "grid" else _positive_float(l2, "--l2")
-    backbone = load_backbone(checkpoint, k, capacity_factor, bpr, pixels_size=pixels_size)
+    backbone = load_backbone(checkpoint, k, capacity_factor, bpr, dropless, pixels_size=pixels_size)
     with _progress_bar() as show:
         results = run_fewshot(
             backbone, datasets, shot_list, seeds, fixed_l2, kind, cache_dir, batch_size, progress=show
@@ -436,6 +441,11 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
 @click.option("--capacity", default="0.1,0.25,0.5,0.75,1.0,1.25,1.5,2.0", show_default=True,
               help="Capacity factors to try.")  # fmt: skip
 @click.option("--bpr", default="on,off", show_default=True, help="Batch Priority Routing settings: on, off or both.")
+@click.option(
+    "--dropless",
+    is_flag=True,
+    help="Also run each K dropless: every choice computed, no capacity (BPR then changes nothing).",
+)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder [default: runs/sweep-NAME].")
 @click.option("--baseline", help="Dense twin checkpoint or run directory, drawn as one point.")
 @click.option("--split", default="test", show_default=True, help="Split evaluated.")
@@ -450,9 +460,9 @@ def quickstart(out_dir: Path, shards: Path, recipes: Path, cache_dir: Path, over
     help="Also few-shot top-1 at this many shots per setting (extracts features per setting: slow).",
 )
 @CACHE_DIR
-def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str, out_dir: Path | None,
-                   baseline: str | None, split: str, batch_size: int, throughput_batch: int, repeats: int,
-                   fewshot_shots: int, cache_dir: Path) -> None:  # fmt: skip
+def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str, dropless: bool,
+                   out_dir: Path | None, baseline: str | None, split: str, batch_size: int, throughput_batch: int,
+                   repeats: int, fewshot_shots: int, cache_dir: Path) -> None:  # fmt: skip
     """Accuracy, dropped tokens, GFLOPs and measured speed of a V-MoE for every K x capacity x BPR setting.
 
     DATA is shards, a `vmoe shard-index` index or any `vmoe shard` source. Writes sweep.csv, sweep.json and
@@ -470,7 +480,8 @@ def sweep_capacity(data: str, checkpoint: str, ks: str, capacity: str, bpr: str,
     modes = {"on": [True], "off": [False], "on,off": [True, False], "off,on": [False, True]}
     if bpr.replace(" ", "") not in modes:
         raise VmoeError(f"--bpr: expected on, off or on,off, got {bpr!r}")
-    points = make_grid(_int_list(ks, "--k"), _float_list(capacity, "--capacity"), modes[bpr.replace(" ", "")])
+    capacities = _float_list(capacity, "--capacity")
+    points = make_grid(_int_list(ks, "--k"), capacities, modes[bpr.replace(" ", "")], dropless)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = SweepOptions(split, batch_size, throughput_batch, repeats, fewshot_shots=fewshot_shots, device=device)
     out_dir = out_dir or Path("runs") / f"sweep-{Path(checkpoint).resolve().name}"
@@ -498,8 +509,9 @@ def sweep_table(results: dict) -> Table:
         table.add_column(name, justify="right")
     for r in results["rows"]:
         k = f"{r['k']}{'*' if r['k_above_trained'] else ''}" if "k" in axes else "-"
-        bpr = ("on" if r["bpr"] else "off") if "bpr" in axes else "-"
-        cells = [k, bpr, f"{r['capacity_factor']:g}", f"{100 * r['top1']:.2f}"]
+        dropless = r.get("dropless", False)
+        bpr = ("on" if r["bpr"] else "off") if "bpr" in axes and not dropless else "-"
+        cells = [k, bpr, "dropless" if dropless else f"{r['capacity_factor']:g}", f"{100 * r['top1']:.2f}"]
         cells += [f"{100 * r['dropped_all']:.1f}", f"{100 * r['dropped_any']:.1f}", f"{r['gflops']:.3g}"]
         cells += [f"{r['images_per_s']:,.0f}", f"{r['latency_ms']:.1f}"]
         table.add_row(*cells, *([f"{100 * r['fewshot_top1']:.1f}"] if fewshot else []))

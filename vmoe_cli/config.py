@@ -125,6 +125,11 @@ def recipe_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source
             recipe.data.augment.validate()
         if recipe.train is not None:
             recipe.train.validate()
+            if recipe.train.expert_parallel > 1 and moe is not None and moe.dropless:
+                raise VmoeError(
+                    f"train.expert_parallel={recipe.train.expert_parallel} exchanges fixed-size expert buffers, "
+                    "model.moe.dropless=true has none: set one of them off"
+                )
     except VmoeError as e:
         raise VmoeError(f"{source}: {e}") from None
     return recipe

@@ -21,6 +21,7 @@ def load_backbone(
     k: int | None = None,
     capacity_factor: float | None = None,
     bpr: bool | None = None,
+    dropless: bool | None = None,
     pixels_size: int = 28,
     pixels_channels: int = 1,
 ) -> Backbone:
@@ -29,11 +30,12 @@ def load_backbone(
         preprocess = Preprocess(pixels_size, pixels_channels, 0.0, 1.0)
         return Backbone("pixels", f"pixels-{pixels_size}-{pixels_channels}", None, preprocess)
     opened = open_checkpoint(checkpoint)
-    routing = {"k": k, "capacity_factor": capacity_factor, "bpr": bpr}
+    routing = {"k": k, "capacity_factor": capacity_factor, "bpr": bpr, "dropless": dropless}
     routing = {name: value for name, value in routing.items() if value is not None}
     if routing:
         if opened.model.cfg.moe is None:
-            raise VmoeError(f"--checkpoint {checkpoint}: a dense model; drop --k, --capacity-factor and --bpr")
+            drop = "--k, --capacity-factor, --bpr and --dropless"
+            raise VmoeError(f"--checkpoint {checkpoint}: a dense model; drop {drop}")
         opened.model.set_routing(**routing)
     return model_backbone(opened)
 

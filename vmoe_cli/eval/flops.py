@@ -3,7 +3,8 @@
 FLOPs count the matrix multiplications only (2 per multiply-add), as
 `torch.utils.flop_counter.FlopCounterMode` does, so the two can be checked against each
 other. An MoE block counts the expert slots it computes (E x C per group, filled or not),
-not the tokens it routes: that is what the hardware pays.
+not the tokens it routes: that is what the hardware pays. Run dropless, it computes exactly
+K expert MLPs per token. FLOPs are those of inference (`MoEConfig.dropless_at(training=False)`).
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def moe_flops(cfg: ModelConfig, batch: int | None = None) -> float:
     if not moe.kind.has_plan:  # Soft MoE: one image per group, E x slots mixtures
         slots = moe.num_experts * moe.soft_slots(N)
         return 3 * 2 * N * slots * D + slots * 2 * 2 * D * H  # logits, dispatch and combine mixtures; experts
-    images = moe.group_tokens(batch, N) / N  # a fraction when groups straddle images
-    slots_per_image = moe.num_experts * moe_capacity(cfg, batch) / images
+    if moe.dropless_at(training=False):
+        slots_per_image = N * moe.k  # every choice, nothing else
+    else:
+        images = moe.group_tokens(batch, N) / N  # a fraction when groups straddle images
+        slots_per_image = moe.num_experts * moe_capacity(cfg, batch) / images
     router = 0 if moe.kind.per_image else 2 * N * D * moe.num_experts  # per image: counted once per model
     return router + slots_per_image * 2 * 2 * D * H  # combine is elementwise
 
@@ -113,7 +117,10 @@ def model_card(cfg: ModelConfig) -> dict[str, object]:
         card["experts E / slots per expert (per image)"] = f"{moe.num_experts} / {moe.soft_slots(cfg.tokens_per_image)}"
         return card
     card["experts E / selected K"] = f"{moe.num_experts} / {moe.k}" if moe.kind.choice == "token" else moe.num_experts
-    card["capacity per expert per group C"] = moe_capacity(cfg)
+    modes = ["dropless" if moe.dropless_at(training) else "capacity" for training in (True, False)]
+    card["execution: training / inference"] = " / ".join(modes)
+    if "capacity" in modes:
+        card["capacity per expert per group C"] = moe_capacity(cfg)
     group = moe.group_tokens(None, cfg.tokens_per_image)
     card["group size"] = f"{group} tokens = {group / cfg.tokens_per_image:g} images"
     card["dispatch"] = "bfloat16" if moe.bfloat16_dispatch else "model precision"

@@ -54,15 +54,17 @@ def sweep_figure(results: dict[str, Any]) -> Any:
     One curve per (K, BPR): K sets colour and marker, BPR the line (solid, filled markers) against vanilla
     (dashed, larger open markers, drawn on top so that both show where they coincide). The trained setting is ringed
     and its capacity factor a dotted vertical line; the dense twin is a star and a dotted horizontal line.
-    The legend sits below the panels.
+    A dropless row (no capacity) is a diamond on accuracy vs cost and a dash-dotted line of its K's colour on
+    the speed panel. The legend sits below the panels.
     """
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), layout="constrained")
     acc, speed, dropped_all, dropped_any = axes.flat
     curves: dict[tuple[int, bool], list[dict[str, Any]]] = {}
-    for row in results["rows"]:
+    capacity_rows = [row for row in results["rows"] if not row.get("dropless")]
+    for row in capacity_rows:
         curves.setdefault((row["k"], row["bpr"]), []).append(row)
-    ks = sorted({k for k, _ in curves})
+    ks = sorted({row["k"] for row in results["rows"]})
     trained = results["trained"]
     for (k, bpr), rows in sorted(curves.items(), key=lambda item: (item[0][0], not item[0][1])):
         rows = sorted(rows, key=lambda r: r["capacity_factor"])
@@ -74,6 +76,7 @@ def sweep_figure(results: dict[str, Any]) -> Any:
         dropped_all.plot(cf, [100 * r["dropped_all"] for r in rows], **style)
         dropped_any.plot(cf, [100 * r["dropped_any"] for r in rows], **style)
         _mark_trained(acc, rows, trained)
+    _dropless_points(acc, speed, [row for row in results["rows"] if row.get("dropless")], ks)
     _dense_twin(acc, speed, results.get("baseline"))
     split = results["split"]
     acc.set(xlabel="GFLOPs per image (analytic)", ylabel=f"top-1 on {split} (%)", title="accuracy and cost")
@@ -83,7 +86,7 @@ def sweep_figure(results: dict[str, Any]) -> Any:
         speed.set_yscale("log")
     dropped_all.set(ylabel="tokens dropped (%)", title="tokens dropped by all of their choices")
     dropped_any.set(ylabel="tokens dropped (%)", title="tokens dropped by at least one choice")
-    capacities = sorted({r["capacity_factor"] for r in results["rows"]})
+    capacities = sorted({r["capacity_factor"] for r in capacity_rows})
     for ax in (speed, dropped_all, dropped_any):
         ax.set(xlabel="capacity factor", xscale="log")
         ax.set_xticks(capacities, [f"{cf:g}" for cf in capacities], minor=False)
@@ -126,6 +129,15 @@ def _speed_curve(ax: Any, cf: list[float], rows: list[dict[str, Any]], style: di
         ax.errorbar(cf, median, yerr=spread, capsize=3, elinewidth=1, **style)
     else:
         ax.plot(cf, median, **style)
+
+
+def _dropless_points(acc: Any, speed: Any, rows: list[dict[str, Any]], ks: list[int]) -> None:
+    """Each dropless row: a diamond at its top-1 and GFLOPs, and its images/s as a line across the speed panel."""
+    for r in rows:
+        colour = COLOURS[ks.index(r["k"]) % len(COLOURS)]
+        acc.plot([r["gflops"]], [100 * r["top1"]], "D", color=colour, markersize=9, markeredgecolor="black",
+                 zorder=6, label=f"K={r['k']}, dropless")  # fmt: skip
+        speed.axhline(r["images_per_s"], color=colour, linestyle="-.", linewidth=1)
 
 
 def _dense_twin(acc: Any, speed: Any, base: dict[str, Any] | None) -> None:

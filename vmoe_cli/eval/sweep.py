@@ -4,7 +4,8 @@ A trained model gets cheaper at inference by routing each token to fewer experts
 the expert buffers (cf < 1); with Batch Priority Routing the tokens that keep their slots are the ones the
 router is surest about. For every grid point this records top-1 on a split, the fraction of tokens dropped
 by all / at least one of their choices, per-layer expert load, analytic GFLOPs per image, and measured
-throughput and latency of the full forward pass (median, and the range over the timed repeats).
+throughput and latency of the full forward pass (median, and the range over the timed repeats). A dropless point
+per K (optional) is the reference without capacity: every choice computed, nothing dropped.
 
 Cost: the model is loaded once; each batch is embedded and run through the dense blocks before the first
 MoE block once, and only the remaining blocks run per grid point. Progress is saved every few seconds
@@ -38,21 +39,24 @@ STATE = "sweep-state.json"
 SAVE_EVERY_S = 10.0  # seconds between saves of the sweep state
 POINT_FIELDS = {"correct": int, "total": int, "dropped_all": dict, "dropped_any": dict, "expert_load": dict}  # sums
 CSV_COLUMNS = (
-    "k", "capacity_factor", "bpr", "k_above_trained", "top1", "dropped_all", "dropped_any", "gflops",
+    "k", "capacity_factor", "bpr", "dropless", "k_above_trained", "top1", "dropped_all", "dropped_any", "gflops",
     "images_per_s", "images_per_s_min", "images_per_s_max", "latency_ms", "fewshot_top1",
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One routing setting of the sweep."""
+    """One routing setting of the sweep: K, and a capacity factor and BPR, or dropless execution (neither)."""
 
     k: int
-    capacity_factor: float
+    capacity_factor: float | None
     bpr: bool
+    dropless: bool = False
 
     @property
     def name(self) -> str:
+        if self.dropless:
+            return f"k={self.k} dropless"
         return f"k={self.k} cf={self.capacity_factor:g} {'bpr' if self.bpr else 'vanilla'}"
 
 
@@ -69,18 +73,29 @@ class SweepOptions:
     device: str = "cpu"
 
 
-def make_grid(ks: Sequence[int], capacities: Sequence[float], bprs: Sequence[bool]) -> list[GridPoint]:
-    """Every (K, cf, BPR) combination, K-major, then BPR, then cf ascending."""
+def make_grid(
+    ks: Sequence[int], capacities: Sequence[float], bprs: Sequence[bool], dropless: bool = False
+) -> list[GridPoint]:
+    """Every (K, cf, BPR) combination, K-major, then BPR, then cf ascending; with `dropless`, each K's dropless
+    point after its capacity points."""
     if not ks or not capacities or not bprs or min(ks) < 1 or min(capacities) <= 0:
         raise VmoeError("--k needs integers >= 1 and --capacity numbers > 0")
-    return [GridPoint(k, float(c), b) for k in ks for b in bprs for c in sorted(capacities)]
+    points = []
+    for k in ks:
+        points += [GridPoint(k, float(c), b) for b in bprs for c in sorted(capacities)]
+        points += [GridPoint(k, None, False, dropless=True)] if dropless else []
+    return points
 
 
 def applicable_points(points: Sequence[GridPoint], moe: MoEConfig) -> list[GridPoint]:
-    """`points` with the axes the router lacks held at their trained values, duplicates removed, order kept."""
+    """`points` with the axes the router lacks held at their trained values, duplicates removed, order kept;
+    dropless points only for routers whose tokens choose experts."""
     axes = moe.kind.sweep_axes
+    if any(p.dropless for p in points) and moe.kind.choice != "token":
+        raise VmoeError(f"--dropless: {moe.router} drops no token's choice, so there is no dropless mode to sweep")
     fixed = [
-        GridPoint(p.k if "k" in axes else moe.k, p.capacity_factor, p.bpr if "bpr" in axes else moe.bpr) for p in points
+        GridPoint(p.k if "k" in axes else moe.k, p.capacity_factor, p.bpr if "bpr" in axes else moe.bpr, p.dropless)
+        for p in points
     ]
     return list(dict.fromkeys(fixed))
 
@@ -216,7 +231,7 @@ def _results(
     rows = [_row(model, p, state["points"][p.name], trained["k"], options.batch_size) for p in points]
     return {
         "checkpoint": opened.name, "data": data, "split": options.split,
-        "trained": {"k": trained["k"], "capacity_factor": trained["capacity_factor"], "bpr": trained["bpr"]},
+        "trained": {key: trained[key] for key in ("k", "capacity_factor", "bpr", "dropless")},
         "router": trained["router"], "axes": list(model.cfg.moe.kind.sweep_axes),
         "options": asdict(options), "rows": rows, "baseline": state.get("baseline"),
     }  # fmt: skip
@@ -229,7 +244,8 @@ def _row(model: VisionTransformer, p: GridPoint, r: dict[str, Any], trained_k: i
     dropped_all = {layer: v / n for layer, v in r["dropped_all"].items()}
     dropped_any = {layer: v / n for layer, v in r["dropped_any"].items()}
     return {
-        "k": p.k, "capacity_factor": p.capacity_factor, "bpr": p.bpr, "k_above_trained": p.k > trained_k,
+        "k": p.k, "capacity_factor": p.capacity_factor, "bpr": p.bpr, "dropless": p.dropless,
+        "k_above_trained": p.k > trained_k,
         "top1": r["correct"] / n, "correct": r["correct"], "total": n,
         "dropped_all": statistics.fmean(dropped_all.values()),
         "dropped_any": statistics.fmean(dropped_any.values()),
@@ -333,7 +349,9 @@ def _baseline(
 
 
 def _set_routing(model: VisionTransformer, p: GridPoint) -> None:
-    model.set_routing(k=p.k, capacity_factor=p.capacity_factor, bpr=p.bpr)
+    """The point's routing; capacity execution set explicitly (per-image routing would be dropless otherwise)."""
+    capacity = {} if p.dropless else {"capacity_factor": p.capacity_factor}
+    model.set_routing(k=p.k, bpr=p.bpr, dropless=p.dropless, **capacity)
 
 
 def _load_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:

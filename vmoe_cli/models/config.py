@@ -77,6 +77,11 @@ class MoEConfig:
     bfloat16_dispatch: bool = False  # round tokens to bfloat16 before the experts and their outputs before the
     #   combine, as the official dispatcher (`bfloat16: True`) does
     bpr: bool = False  # Batch Priority Routing: place tokens by descending top-1 gate
+    # routers whose tokens choose (token_choice, sinkhorn_token_choice, per_image): true = no buffers, no capacity:
+    # every chosen (token, expert) pair computed once, nothing dropped, so (but for Sinkhorn, whose choice looks at
+    # the group) a token's output does not depend on the rest of the batch; false = fixed-capacity buffers;
+    # null = dropless for per_image at inference only (one image then costs one expert MLP per block at K=1)
+    dropless: bool | None = None
     noise_std: float = 1.0  # training noise on router logits has std noise_std / E; none at evaluation
     expert_init: Literal["identical", "independent"] = "identical"  # paper: every expert starts the same
     expert_dropout: float = 0.0  # dropout inside the experts (official S/32 configs use 0.2)
@@ -93,6 +98,13 @@ class MoEConfig:
     def kind(self) -> RouterKind:
         """The facts of this config's router kind."""
         return ROUTER_KINDS[self.router]
+
+    def dropless_at(self, training: bool) -> bool:
+        """Whether the MoE blocks run dropless in training or at inference: as set, or by default (null) only
+        per-image routing at inference, where one image then costs one expert MLP per MoE block and K=1."""
+        if self.dropless is not None:
+            return self.dropless
+        return self.kind.per_image and not training
 
     def group_tokens(self, batch: int | None, tokens_per_image: int) -> int:
         """Tokens S per routing group for a batch of `batch` images of `tokens_per_image` tokens (None: a batch
@@ -136,6 +148,12 @@ class MoEConfig:
         if self.group_size is not None and self.group_size < 1:
             raise VmoeError(f"model.moe.group_size must be >= 1 tokens (or null), got {self.group_size}")
         moe_layer_indices(self.layers, depth)
+        if self.dropless and self.kind.choice != "token":
+            choosers = ", ".join(name for name, kind in ROUTER_KINDS.items() if kind.choice == "token")
+            raise VmoeError(
+                f"model.moe.dropless=true needs a router whose tokens choose experts ({choosers}); "
+                f"{self.router} drops no token's choice: set model.moe.dropless to null"
+            )
         if self.superclasses is not None and not self.kind.per_image:
             raise VmoeError("model.moe.superclasses guides the per-image router: set model.moe.router=per_image")
         if isinstance(self.superclasses, list) and any(not 0 <= g < self.num_experts for g in self.superclasses):

@@ -1,13 +1,17 @@
 """The MoE MLP block: router -> dispatch into expert buffers -> stacked experts -> combine.
 
 Shape letters: B images, N tokens per image, G groups, S tokens per group, D width,
-H expert hidden size, E experts, K choices per token, C capacity.
+H expert hidden size, E experts, K choices per token, C capacity, A = G*S*K assignments.
 
 Experts are stacked tensors with the expert axis first (`[E, D, H]`, `[E, H, D]`) and run
 as one batched matmul over fixed `[E, G*C, D]` buffers. Dispatch fills the buffers with
 one gather of token rows; combine gathers each token's K output rows back and sums them
 weighted by the router's gates. Nothing of size tokens x E x C is ever built, unlike
 one-hot einsum dispatch, and the buffers' size is known before the data arrives.
+
+Dropless execution (`MoEConfig.dropless`) has no buffers: the A assignments are sorted by
+expert, each expert runs on exactly its rows, and the same combine brings them back. Nothing is dropped, and
+unless the choice itself looks at the group (Sinkhorn), a token's output does not depend on the other tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +48,32 @@ def dispatch(x_GSD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
     source = torch.zeros(E * G * C + 1, dtype=torch.long, device=x_GSD.device)
     source = source.scatter_(0, row_GSK.flatten(), token_GSK.flatten())[:-1]
     return x_GSD.reshape(G * S, D).index_select(0, source).view(E, G * C, D)
+
+
+def sort_by_expert(x_GSD: Tensor, plan: Plan) -> tuple[Tensor, list[int], Tensor]:
+    """Dropless dispatch: the token row of every assignment, sorted by expert (stable, so token order within an
+    expert), the rows of each expert, and each assignment's row in that order.  [A, D], E counts, [G, S, K]
+
+    The counts are read back to the host, the one synchronisation of the block and only in dropless mode: they
+    set the shapes of the experts' matmuls. (`F.grouped_mm` would take them on the device, but on CPU it needs
+    16-byte-aligned rows, has no bias and is invisible to `FlopCounterMode`.)
+    """
+    G, S, D = x_GSD.shape
+    K = plan.expert_GSK.shape[-1]
+    expert_A = plan.expert_GSK.flatten()  # token-major: assignment a is token a // K's choice a % K
+    order_A = torch.argsort(expert_A, stable=True)
+    counts = torch.bincount(expert_A, minlength=plan.num_experts).tolist()
+    rows_AD = x_GSD.reshape(G * S, D).index_select(0, order_A // K)
+    position_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(len(order_A), device=order_A.device))
+    return rows_AD, counts, position_A.view(G, S, K)
+
+
+@torch.compiler.disable  # eager under torch.compile: the counts would make it recompile for every batch
+def dropless_experts(x_GSD: Tensor, plan: Plan, experts: Experts) -> tuple[Tensor, Tensor]:
+    """Every assignment of `plan` through its expert, no buffers: the outputs `[1, A, D]` and each assignment's
+    row in them `[G, S, K]`, for `combine`."""
+    rows_AD, counts, row_GSK = sort_by_expert(x_GSD, plan)
+    return experts.sorted_rows(rows_AD, counts).unsqueeze(0), row_GSK
 
 
 def combine(out_ECD: Tensor, plan: Plan, row_GSK: Tensor) -> Tensor:
@@ -108,6 +138,18 @@ class Experts(nn.Module):
         out_ERD = return_to_senders(self.mlp(send_to_owners(x_ERD, self.ep)), self.ep)
         return out_ERD[:, :R]
 
+    def sorted_rows(self, x_AD: Tensor, counts: list[int]) -> Tensor:
+        """Dropless: expert e on the next `counts[e]` rows of `x_AD` (rows sorted by expert), one matmul pair per
+        expert that has rows.  [A, D] -> [A, D]"""
+        # unbind: one stack of the per-expert gradients in backward, not a full-size zero tensor per expert
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+        outs = []
+        for e, x_RD in enumerate(x_AD.split(counts)):
+            if len(x_RD):
+                h_RH = F.gelu(torch.addmm(b1[e], x_RD, w1[e]), approximate=self.approximate)
+                outs.append(torch.addmm(b2[e], self.dropout(h_RH), w2[e]))
+        return self.dropout(torch.cat(outs))
+
     def mlp(self, x_LRD: Tensor) -> Tensor:
         """This rank's experts on their rows: `[L, rows, D]` -> `[L, rows, D]`."""
         h_LRH = F.gelu(torch.baddbmm(self.b1, x_LRD, self.w1), approximate=self.approximate)
@@ -137,14 +179,28 @@ class MoEMlp(nn.Module):
         S = self.cfg.group_tokens(B, N)
         x_GSD = x_BND.reshape(-1, S, D)  # each group: consecutive tokens of the batch
         routing = self.router(x_GSD, image_logits_BE)
-        row_GSK = buffer_rows(routing.plan)
+        plan = routing.plan
         if self.cfg.bfloat16_dispatch:  # as the official Bfloat16Dispatcher: only the data moved is rounded
             x_GSD = x_GSD.to(torch.bfloat16).to(x_GSD.dtype)
-        out_ECD = self.experts(dispatch(x_GSD, routing.plan, row_GSK))
+        if self.dropless:
+            # No buffers: the plan's capacity becomes S, the most choices one expert can get from a group (a token
+            # chooses an expert at most once), so no slot counts as dropped, in the metrics too.
+            plan.capacity = S
+            out_ECD, row_GSK = dropless_experts(x_GSD, plan, self.experts)  # E = 1, one row per assignment
+        else:
+            row_GSK = buffer_rows(plan)
+            out_ECD = self.experts(dispatch(x_GSD, plan, row_GSK))
         if self.cfg.bfloat16_dispatch:
             out_ECD = out_ECD.to(torch.bfloat16).to(x_GSD.dtype)
-        y_GSD = combine(out_ECD, routing.plan, row_GSK)
+        y_GSD = combine(out_ECD, plan, row_GSK)
         return MlpOutput(y=y_GSD.reshape(B, N, D), routing=routing)
+
+    @property
+    def dropless(self) -> bool:
+        """Whether this forward runs dropless (`MoEConfig.dropless_at`). Never under expert parallelism, whose
+        exchanges have fixed sizes: an explicit `dropless: true` is refused there when the recipe loads, and
+        per-image routing then evaluates with its capacity."""
+        return self.experts.ep is None and self.cfg.dropless_at(self.training)
 
 
 class SoftMoEMlp(nn.Module):

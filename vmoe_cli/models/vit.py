@@ -18,7 +18,7 @@ from vmoe_cli.models.routing import PerImageRouter, RouterOutput
 
 # MoEConfig fields that may change after training (set_routing)
 ROUTING_SETTINGS = ("k", "capacity_factor", "capacity", "capacity_multiple", "capacity_rounding", "group_images",
-                    "group_size", "bpr", "bfloat16_dispatch")  # fmt: skip
+                    "group_size", "bpr", "bfloat16_dispatch", "dropless")  # fmt: skip
 
 
 class Attention(nn.Module):
@@ -202,10 +202,12 @@ class VisionTransformer(nn.Module):
         return self.head_from_tokens(self.run_blocks(self.embed(images_BCHW)))
 
     def set_routing(self, **changes: object) -> None:
-        """Change K, capacity, rounding, group size, BPR or dispatch precision in place, weights untouched.
+        """Change K, capacity, rounding, group size, BPR, dispatch precision or dropless execution in place,
+        weights untouched.
 
         All MoE blocks share `cfg.moe`, so one change reaches every router. A capacity factor replaces a fixed
-        capacity and a fixed capacity replaces a factor, unless both are given.
+        capacity and a fixed capacity replaces a factor, unless both are given; either, without `dropless`,
+        asks for capacity execution (dropless=False).
         """
         moe = self.cfg.moe
         if moe is None:
@@ -214,6 +216,8 @@ class VisionTransformer(nn.Module):
             changes["capacity"] = None
         elif "capacity" in changes and "capacity_factor" not in changes:
             changes["capacity_factor"] = None
+        if "capacity" in changes and "dropless" not in changes:
+            changes["dropless"] = False
         for name, value in changes.items():
             if name not in ROUTING_SETTINGS:
                 raise ValueError(f"{name} is not an inference-time routing setting")
