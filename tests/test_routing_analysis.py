@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def analysed(cache, tmp_path_factory) -> tuple[Path, dict]:
     "overrides",
     [("model.moe.capacity_factor=0.5",), ("model.moe.router=expert_choice", "model.moe.capacity_factor=0.5"),
      ("model.moe.router=sinkhorn_token_choice", "model.moe.capacity_factor=0.75"),
-     ("model.moe.bpr=true", "model.moe.capacity_factor=0.5"), (*PER_IMAGE, "model.moe.capacity_factor=0.5")],
+     ("model.moe.bpr=true", "model.moe.capacity_factor=0.5"), (*PER_IMAGE, "model.moe.capacity_factor=0.5", "model.moe.dropless=false")],  # noqa: E501
 )  # fmt: skip
 def test_counts_agree_with_the_routers_own_metrics(overrides, batch):
     model, recipe = random_model("digits-vmoe.yaml", overrides)
@@ -218,6 +219,18 @@ def test_soft_moe_dispatch_entropy_per_slot(cache, batch, tmp_path):
     assert (tmp_path / "out" / "soft-entropy.csv").is_file()
 
 
+def test_dropless_override_drops_nothing_where_capacity_drops(cache, tmp_path):
+    model, recipe = random_model("digits-vmoe.yaml")
+    run = save_run(tmp_path / "run", model, recipe)
+    tight = RoutingOptions(images=64, capacity_factor=0.5)
+    capacity = analyse_routing(run, "digits", tmp_path / "capacity", tight, cache_dir=cache)
+    dropless = analyse_routing(run, "digits", tmp_path / "dropless", replace(tight, dropless=True), cache_dir=cache)
+    assert not capacity["routing"]["dropless"] and dropless["routing"]["dropless"]
+    for block, layer in dropless["layers"].items():
+        assert capacity["layers"][block]["dropped_any"] > 0  # the same setting with capacity drops some
+        assert layer["dropped_any"] == 0 and layer["dropped_all"] == 0
+
+
 def test_per_image_routing_by_class_and_super_class(cache, batch, tmp_path):
     model, recipe = random_model("digits-vmoe.yaml", PER_IMAGE)
     run = save_run(tmp_path / "run", model, recipe)
@@ -244,6 +257,7 @@ def test_per_image_routing_by_class_and_super_class(cache, batch, tmp_path):
         ("vmoe", ["--split", "minival"], "no split 'minival'"),
         ("vmoe", ["--images", "0"], "--images 0: give at least 1 image"),
         ("expert_choice", ["--bpr"], "--bpr: the expert_choice router has no such setting"),
+        ("expert_choice", ["--dropless"], "--dropless: the expert_choice router drops no token's choice"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(make, extra, message, cache, tmp_path):

@@ -559,10 +559,13 @@ def report(run_dir: Path, out: Path | None, sweeps: tuple[Path, ...], fewshots: 
 @click.option("--k", type=int, help="Experts per token at inference [default: the checkpoint's].")
 @click.option("--capacity-factor", type=float, help="Capacity factor at inference [default: the checkpoint's].")
 @click.option("--bpr/--no-bpr", default=None, help="Batch Priority Routing at inference [default: the checkpoint's].")
+@click.option("--dropless/--no-dropless", default=None,
+              help="Compute every choice, drop nothing (token-choice routers) [default: checkpoint's].")  # fmt: skip
 @click.option("--batch-size", default=256, show_default=True, help="Images per forward pass.")
 @CACHE_DIR
 def routing(run: str, data: str, split: str, out_dir: Path | None, images: int | None, k: int | None,
-            capacity_factor: float | None, bpr: bool | None, batch_size: int, cache_dir: Path) -> None:  # fmt: skip
+            capacity_factor: float | None, bpr: bool | None, dropless: bool | None, batch_size: int,
+            cache_dir: Path) -> None:  # fmt: skip
     """What the routers of a V-MoE do on DATA: expert load, drops, experts per token, class x expert shares
     and their specialisation score, patch maps, and BPR vs vanilla at a low capacity.
 
@@ -584,7 +587,7 @@ def routing(run: str, data: str, split: str, out_dir: Path | None, images: int |
             else Path("runs") / f"routing-{Path(run).resolve().name}"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    options = RoutingOptions(split, images, k, capacity_factor, bpr, batch_size, device)
+    options = RoutingOptions(split, images, k, capacity_factor, bpr, dropless, batch_size, device)
     start = time.perf_counter()
     with _progress_bar() as show:
         summary = analyse_routing(run, data, out_dir, options, cache_dir, progress=show)

@@ -50,6 +50,7 @@ class RoutingOptions:
     k: int | None = None  # routing overrides at inference; None keeps the checkpoint's
     capacity_factor: float | None = None
     bpr: bool | None = None
+    dropless: bool | None = None  # every choice computed, nothing dropped (token-choice routers)
     batch_size: int = 256  # images per forward pass (routing groups as the checkpoint's)
     device: str = "cpu"
 
@@ -287,7 +288,8 @@ def _summary(opened: Opened, source: EvalData, options: RoutingOptions, tally: d
         "top1": tally["correct"] / tally["seen"] if opened.model.cfg.num_classes == len(classes) else None,
         "routing": {"router": moe.router, "axes": list(moe.kind.sweep_axes), "k": moe.k,
                     "capacity_factor": moe.capacity_factor, "capacity": moe.capacity, "bpr": moe.bpr,
-                    "experts": moe.num_experts, "tokens_per_image": opened.model.cfg.tokens_per_image},
+                    "dropless": moe.dropless_at(training=False), "experts": moe.num_experts,
+                    "tokens_per_image": opened.model.cfg.tokens_per_image},
         "classes": classes,
         "layers": {str(b): layer_summary(c, moe.k) for b, c in sorted(tally["layers"].items())},
     }  # fmt: skip
@@ -305,12 +307,16 @@ def open_moe(checkpoint: str | Path, options: RoutingOptions) -> Opened:
         raise VmoeError(f"{checkpoint}: a dense model has no MoE layers to analyse; give a V-MoE run or checkpoint")
     overrides = {"k": options.k, "capacity_factor": options.capacity_factor, "bpr": options.bpr}
     overrides = {name: value for name, value in overrides.items() if value is not None}
+    if options.dropless is not None and moe.kind.choice != "token":
+        raise VmoeError(f"--dropless: the {moe.router} router drops no token's choice; drop --dropless")
     for name in overrides:
         if name not in moe.kind.sweep_axes:
             option = "--" + name.replace("_", "-")
             raise VmoeError(f"{option}: the {moe.router} router has no such setting; drop {option}")
     if overrides.get("k", 1) > moe.num_experts:
         raise VmoeError(f"--k {overrides['k']}: the model has only {moe.num_experts} experts")
+    if options.dropless is not None:
+        overrides["dropless"] = options.dropless
     if overrides:
         opened.model.set_routing(**overrides)
     return opened
