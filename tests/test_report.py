@@ -134,5 +134,5 @@ def test_without_matplotlib_the_report_is_one_line(run, tmp_path):
     args = [sys.executable, "-c", code, "report", str(run), "--out", str(tmp_path / "r.html")]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: the report's figures need matplotlib: pip install 'vmoe[plot]'"
+    assert done.stderr.strip() == "error: figures need matplotlib: pip install 'vmoe[plot]'"
     assert not (tmp_path / "r.html").exists()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmoe_cli.errors import VmoeError
+from vmoe_cli.eval.plots import pyplot
 
 METRICS = "metrics.jsonl"  # written by train/report.py
 LAYERED = re.compile(r"moe(\d+)/(.+)")
@@ -171,18 +171,6 @@ def draw_panels(panels: dict[str, Lines], columns: int = 3) -> bytes:
     fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
     return buffer.getvalue()
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (no display needed); a one-line VmoeError when it is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise VmoeError("the report's figures need matplotlib: pip install 'vmoe[plot]'") from None
-    return plt
 
 
 def _number(value: Any) -> float | None:

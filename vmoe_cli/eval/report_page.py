@@ -29,7 +29,8 @@ from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.checkpoint import CONFIG, STEP_NAME, checkpoint_dir
 from vmoe_cli.config import Recipe, load_recipe
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.curves import METRICS, curve_figures, pyplot, read_metrics
+from vmoe_cli.eval.curves import METRICS, curve_figures, read_metrics
+from vmoe_cli.eval.plots import pyplot
 
 REPORT = "report.html"
 ROUTING = "routing"  # `vmoe routing --out` default inside a run: summary.json + the figures it lists
