@@ -32,21 +32,57 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from vmoe_cli.data.sources import LISTED_SPLITS, ArrayItem, FileItem, Item, Source, SourceRows
+from vmoe_cli.data.validate import VALIDATE_MODES
 from vmoe_cli.errors import VmoeError
-
-if TYPE_CHECKING:
-    from vmoe_cli.data.shard import ShardOptions
 
 PLAN_FORMAT = "vmoe-plan/1"
 SPLITS = ("train", "minival", "test")  # in manifest order
 BLOCK_ROWS = 1 << 22  # rows per block when a whole-listing array is processed piecewise
 SAMPLE_BLOCKS = 5  # 512-byte blocks of a sample besides its image: 3 tar headers, .cls and .json
 ProgressFn = Callable[[str, int, "int | None"], None]  # (phase, done, total or None)
+
+
+ENCODINGS = ("keep", "png", "jpg")
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """Every option that decides the shards' content; recorded in the manifest."""
+
+    encoding: str = "keep"  # "keep" 8-bit JPEG/PNG/WebP bytes (others become PNG), or re-encode: "png", "jpg"
+    validate: str = "fast"  # how "keep" checks an image it stores as it is: "fast", "full" or "none" (validate.py)
+    quality: int = 95  # JPEG quality when encoding to jpg (also when "keep" must re-encode a resized JPEG)
+    resize: int | None = None  # shrink so the shorter side is this many pixels; smaller images are left alone
+    shard_size: int = 5000  # most samples per shard
+    shard_bytes: int | None = None  # most bytes per shard, planned from input sizes (exact when bytes are kept)
+    seed: int = 0  # decides the order of samples in each split and which train samples go to minival
+    minival: float = 0.0  # fraction of train held out as the 'minival' split
+    test: float = 0.0  # fraction of train held out as the 'test' split, for sources without one (digits)
+    limit: int | None = None  # keep only the first N samples of each split (after the seeded shuffle)
+
+    def check(self) -> None:
+        """Raise VmoeError naming the option when a value is impossible."""
+        for name, allowed in (("encoding", ENCODINGS), ("validate", VALIDATE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise VmoeError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        checks = [
+            ("quality", 1 <= self.quality <= 100, "between 1 and 100"),
+            ("resize", self.resize is None or self.resize >= 1, "at least 1"),
+            ("shard-size", self.shard_size >= 1, "at least 1"),
+            ("shard-bytes", self.shard_bytes is None or self.shard_bytes >= 1, "at least 1"),
+            ("seed", self.seed >= 0, "0 or more"),
+            ("minival", 0.0 <= self.minival < 1.0, "in [0, 1)"),
+            ("test", 0.0 <= self.test < 1.0, "in [0, 1)"),
+            ("limit", self.limit is None or self.limit >= 1, "at least 1"),
+        ]
+        for name, ok, wanted in checks:
+            if not ok:
+                raise VmoeError(f"--{name} must be {wanted}, got {getattr(self, name.replace('-', '_'))}")
 
 
 @dataclass(frozen=True)

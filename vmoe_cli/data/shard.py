@@ -48,53 +48,17 @@ from PIL import Image
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.data.manifest import FORMAT, MANIFEST, STATE_DIR, read_manifest
 from vmoe_cli.data.pixels import UnsupportedImage, is_plain, to_8bit
-from vmoe_cli.data.plan import SPLITS, Plan, ProgressFn, build_plan, load_plan
+from vmoe_cli.data.plan import SPLITS, Plan, ProgressFn, ShardOptions, build_plan, load_plan
 from vmoe_cli.data.sources import ArrayItem, Item, Source, open_source
-from vmoe_cli.data.validate import VALIDATE_MODES, BadImage, check_kept, decode, open_image
+from vmoe_cli.data.validate import BadImage, check_kept, decode, open_image
 from vmoe_cli.errors import VmoeError
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> extension whose bytes we keep
-ENCODINGS = ("keep", "png", "jpg")
 EVAL_TEST_FRACTION = 0.2  # test hold-out when an evaluation command shards a source that has no test split
 TICK_EVERY = 64  # samples between progress reports from a shard task
 RERUN = "free space or fix the folder, then rerun the same command (finished shards are kept)"
 ANOTHER = "pass --overwrite or another --out"
 PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent dies
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    """Every option that decides the shards' content; recorded in the manifest."""
-
-    encoding: str = "keep"  # "keep" 8-bit JPEG/PNG/WebP bytes (others become PNG), or re-encode: "png", "jpg"
-    validate: str = "fast"  # how "keep" checks an image it stores as it is: "fast", "full" or "none" (validate.py)
-    quality: int = 95  # JPEG quality when encoding to jpg (also when "keep" must re-encode a resized JPEG)
-    resize: int | None = None  # shrink so the shorter side is this many pixels; smaller images are left alone
-    shard_size: int = 5000  # most samples per shard
-    shard_bytes: int | None = None  # most bytes per shard, planned from input sizes (exact when bytes are kept)
-    seed: int = 0  # decides the order of samples in each split and which train samples go to minival
-    minival: float = 0.0  # fraction of train held out as the 'minival' split
-    test: float = 0.0  # fraction of train held out as the 'test' split, for sources without one (digits)
-    limit: int | None = None  # keep only the first N samples of each split (after the seeded shuffle)
-
-    def check(self) -> None:
-        """Raise VmoeError naming the option when a value is impossible."""
-        for name, allowed in (("encoding", ENCODINGS), ("validate", VALIDATE_MODES)):
-            if getattr(self, name) not in allowed:
-                raise VmoeError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        checks = [
-            ("quality", 1 <= self.quality <= 100, "between 1 and 100"),
-            ("resize", self.resize is None or self.resize >= 1, "at least 1"),
-            ("shard-size", self.shard_size >= 1, "at least 1"),
-            ("shard-bytes", self.shard_bytes is None or self.shard_bytes >= 1, "at least 1"),
-            ("seed", self.seed >= 0, "0 or more"),
-            ("minival", 0.0 <= self.minival < 1.0, "in [0, 1)"),
-            ("test", 0.0 <= self.test < 1.0, "in [0, 1)"),
-            ("limit", self.limit is None or self.limit >= 1, "at least 1"),
-        ]
-        for name, ok, wanted in checks:
-            if not ok:
-                raise VmoeError(f"--{name} must be {wanted}, got {getattr(self, name.replace('-', '_'))}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from vmoe_cli.errors import VmoeError
 from vmoe_cli.eval import routing_plots
 from vmoe_cli.eval.opening import EvalData, Opened, ProgressFn, eval_loader, open_checkpoint, open_data
 from vmoe_cli.eval.plots import pyplot
+from vmoe_cli.eval.routing_plots import PatchMaps
 from vmoe_cli.models.routing import Plan
 from vmoe_cli.models.vit import VisionTransformer
 from vmoe_cli.outputs import run_lock
@@ -53,17 +54,6 @@ class RoutingOptions:
     dropless: bool | None = None  # every choice computed, nothing dropped (token-choice routers)
     batch_size: int = 256  # images per forward pass (routing groups as the checkpoint's)
     device: str = "cpu"
-
-
-@dataclass
-class PatchMaps:
-    """Per-token routing of the few patch-map images, as `[B, h, w]` grids of the patch tokens per MoE block."""
-
-    pixels: np.ndarray  # [B, H, W] or [B, H, W, 3] in 0..1, as a viewer shows the images
-    labels: list[int]
-    first: dict[int, np.ndarray] = field(default_factory=dict)  # first-choice expert of each patch
-    kept: dict[int, np.ndarray] = field(default_factory=dict)  # processed by >= 1 expert, analysed setting
-    low: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # "vanilla" / "bpr" -> kept at K=1, cf LOW
 
 
 # ---------------------------------------------------------------------------------------------------- counts

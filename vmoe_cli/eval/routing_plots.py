@@ -4,18 +4,27 @@ analysis's summary, writing one PNG and returning its entry for summary.json (fi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from vmoe_cli.eval.plots import COLOURS, HATCHES, MARKERS, pyplot, save_figure
 
-if TYPE_CHECKING:
-    from vmoe_cli.eval.routing_analysis import PatchMaps
-
 Figure = dict[str, str]  # {"file", "title", "caption"}
 ANNOTATE_CELLS = 200  # heatmaps and patch maps with at most this many cells get their values written in them
+
+
+@dataclass
+class PatchMaps:
+    """Per-token routing of the few patch-map images, as `[B, h, w]` grids of the patch tokens per MoE block."""
+
+    pixels: np.ndarray  # [B, H, W] or [B, H, W, 3] in 0..1, as a viewer shows the images
+    labels: list[int]
+    first: dict[int, np.ndarray] = field(default_factory=dict)  # first-choice expert of each patch
+    kept: dict[int, np.ndarray] = field(default_factory=dict)  # processed by >= 1 expert, analysed setting
+    low: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # "vanilla" / "bpr" -> kept at K=1, cf LOW
 
 
 def draw(summary: dict[str, Any], maps: PatchMaps | None, low_capacity: float, out: Path) -> list[Figure]:
