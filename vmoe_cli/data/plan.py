@@ -186,6 +186,7 @@ def _write_listing(source: Source, folder: Path, sizes: bool, progress: Progress
                 digest.update(data)
             count += len(chunk.ids)
             progress("listing", count, None)
+        progress("listing", count, count)  # the total is known now: the phase is over
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
