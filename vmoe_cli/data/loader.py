@@ -139,7 +139,7 @@ class Loader:
                 raise VmoeError(item)
             images, labels = item
             if not self._raw:
-                images = (images.float() / 255 - self._mean) / self._std
+                images = images.float().div_(255).sub_(self._mean).div_(self._std)  # in place: no temporary batches
             yield images, labels
             if n + 1 == len(self):
                 return
