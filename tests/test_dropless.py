@@ -106,6 +106,8 @@ def test_capacity_and_dropless_agree_when_nothing_is_dropped(name):
         dropped = [float(r.metrics["dropped_any"]) for r in out.routing.values()]
         results[dropless] = (logits, out.aux_loss.detach(), {n: p.grad.clone() for n, p in vit.named_parameters()})
         assert dropped == [0.0, 0.0]
+        # dropless has no buffers: its plan's capacity is S = 6 x 17 tokens, the buffers' C is above it
+        assert (out.routing[1].plan.capacity == 6 * 17) == dropless
     (logits, aux, grads), (logits_d, aux_d, grads_d) = results[False], results[True]
     torch.testing.assert_close(logits_d, logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux_d, aux)
