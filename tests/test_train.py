@@ -113,7 +113,7 @@ def test_existing_run_needs_resume(digits, tmp_path):
     assert result.exit_code == 2 and "--resume latest" in result.stderr
 
 
-def test_warmup_past_half_a_shortened_run_is_capped_with_a_notice(digits, tmp_path):
+def test_warmup_past_half_a_shortened_run_is_capped_with_a_notice(digits, tmp_path, monkeypatch):
     """`train.steps` set below the recipe's warmup: the lr still reaches its peak, at half the run, then decays."""
     cfg = load_recipe(RECIPE, ["train.steps=10", "train.warmup_steps=20"]).train
     factors = [lr_factor(step, 10, cfg) for step in range(10)]
@@ -125,6 +125,7 @@ def test_warmup_past_half_a_shortened_run_is_capped_with_a_notice(digits, tmp_pa
 
     args = ["pretrain", str(RECIPE), "--out", str(tmp_path / "run")]
     args += sum((["--set", s] for s in settings(digits, 4, warmup_steps=20, log_every=2)), [])
+    monkeypatch.setenv("VMOE_PROGRESS_INTERVAL", "0")  # a line at every step, even in a sub-second run
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "train.warmup_steps=20 capped to 2, half of the 4 steps" in result.stderr

@@ -472,10 +472,11 @@ def _run_pool(
             while pending:
                 with contextlib.suppress(queue.Empty):
                     report(progress_queue.get(timeout=0.1))
-                for result in [p for p in pending if p.ready()]:
+                ready = [p for p in pending if p.ready()]  # once: a task finishing meanwhile waits for the next turn
+                for result in ready:
                     record = result.get()  # re-raises a task's exception here
                     records[record["file"]] = record
-                pending = [p for p in pending if not p.ready()]
+                pending = [p for p in pending if p not in ready]
             while not progress_queue.empty():
                 report(progress_queue.get())
     except BaseException:
