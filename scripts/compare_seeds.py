@@ -16,9 +16,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmoe_cli.checkpoint import CONFIG, load_recipe_of
+from vmoe_cli.checkpoint import CONFIG, METRICS, load_recipe_of
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.train.report import METRICS, read_metrics
+from vmoe_cli.train.report import read_metrics
 
 
 @dataclass

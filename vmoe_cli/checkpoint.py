@@ -39,6 +39,7 @@ from vmoe_cli.models.vit import VisionTransformer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"  # one JSON line per log step and evaluation, written by train/report.py
 TRAIN_STATE = "train_state.json"
 TRAIN_TENSORS = "train_state.safetensors"
 LEGACY_STATE = "train_state.pt"  # pickled by vmoe before train_state.json; read as plain values only

@@ -139,22 +139,12 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
     opts = ShardOptions(shard_bytes=_parse_bytes(shard_bytes) if shard_bytes else None, **options)
     src = open_source(source, class_names=names)
     complete = (out_dir / MANIFEST).is_file() and not (overwrite or dry_run)
-    start, first, last = time.perf_counter(), {}, {}
-
-    def say(line: str) -> None:
-        click.echo(line, err=True)
-
+    start = time.perf_counter()
     try:
-        with _progress_bar() as bar:
-
-            def show(what: str, done: int, total: int | None) -> None:
-                first.setdefault(what, done)
-                last[what] = done
-                bar(what, done, total)
-
+        with Display() as display:
             manifest = write_shards(
                 src, out_dir, opts, workers=workers, overwrite=overwrite, max_skipped=max_skipped, dry_run=dry_run,
-                plan_only=plan_only, progress=show, say=say,
+                plan_only=plan_only, progress=display, say=display.echo,
             )  # fmt: skip
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to finish the job", err=True)
@@ -173,7 +163,8 @@ def shard(source: str, out_dir: Path, workers: int, max_skipped: float | None, o
     click.echo(f"; {manifest['skipped']} inputs skipped", nl=False)
     if manifest["skipped"] and manifest["report"]:
         click.echo(f" (reasons in {out_dir / manifest['report']})", nl=False)
-    images = last.get("writing", 0) - first.get("writing", 0)  # this run's: a resumed job's earlier shards excluded
+    writing = display.phases.get("writing")  # this run's images: a resumed job's earlier shards excluded
+    images = writing.done - writing.first if writing else 0
     click.echo(f"; {images:,} images read in {seconds:.1f} s, {images / seconds:,.0f} images/s")
     for entry in manifest.get("skipped_inputs", [])[:20]:
         click.echo(f"  skipped {entry['id']}: {entry['reason']}")

@@ -18,7 +18,6 @@ from typing import Any
 
 from vmoe_cli.eval.plots import pyplot
 
-METRICS = "metrics.jsonl"  # written by train/report.py
 LAYERED = re.compile(r"moe(\d+)/(.+)")
 NOT_DRAWN = {"step", "epoch", "elapsed_s", "eval_correct", "eval_total"}
 TRAINING = {"loss": "task loss", "eval_top1": "evaluation top-1 (%)", "lr": "learning rate",

@@ -26,10 +26,10 @@ from typing import Any
 
 from vmoe_cli import __version__
 from vmoe_cli.atomic import write_text_atomic
-from vmoe_cli.checkpoint import CONFIG, STEP_NAME, checkpoint_dir
+from vmoe_cli.checkpoint import CONFIG, METRICS, STEP_NAME, checkpoint_dir
 from vmoe_cli.config import Recipe, load_recipe
 from vmoe_cli.errors import VmoeError
-from vmoe_cli.eval.curves import METRICS, curve_figures, read_metrics
+from vmoe_cli.eval.curves import curve_figures, read_metrics
 from vmoe_cli.eval.plots import pyplot
 
 REPORT = "report.html"

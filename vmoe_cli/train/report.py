@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from vmoe_cli.atomic import write_text_atomic
+from vmoe_cli.checkpoint import METRICS
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.progress import Display
 
-METRICS = "metrics.jsonl"
 TIMING = ("images_per_s", "elapsed_s")  # wall-clock keys: differ between otherwise identical runs
 
 
