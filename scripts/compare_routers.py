@@ -71,12 +71,15 @@ def train_or_reuse(name: str, seed: int, args: argparse.Namespace) -> dict:
     run = run_dir(name, seed, args)
     record_file = run / "compare.json"
     if record_file.is_file():
-        return json.loads(record_file.read_text())
-    shutil.rmtree(run, ignore_errors=True)  # an unfinished run starts over: every router gets the same schedule
+        record = json.loads(record_file.read_text())
+        if record.get("steps") == args.steps:
+            return record
+    shutil.rmtree(run, ignore_errors=True)  # an unfinished or other-budget run starts over: one schedule for all
     start = time.perf_counter()
     result = pretrain(recipe, run)
     seconds = time.perf_counter() - start
-    record = {"name": name, "seed": seed, "test_top1": result["eval_top1"], "train_seconds": seconds}
+    record = {"name": name, "seed": seed, "steps": args.steps, "test_top1": result["eval_top1"]}
+    record["train_seconds"] = seconds
     record_file.write_text(json.dumps(record))
     return record
 
