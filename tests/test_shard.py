@@ -1,6 +1,5 @@
 """`vmoe shard` and `vmoe shard-info`: sources, the shard format, bad inputs, resuming after a kill."""
 
-import contextlib
 import gzip
 import io
 import json
@@ -17,6 +16,7 @@ import pytest
 import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
+from processes import any_running, children
 
 from vmoe_cli.cli import main
 from vmoe_cli.data.manifest import shard_info
@@ -217,36 +217,15 @@ def test_ctrl_c_of_a_pool_removes_the_temp_files_of_the_killed_workers(tmp_path:
     assert not list(out.glob("*.tmp"))
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid`, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the workers in /proc")
 def test_kill_9_of_the_main_process_leaves_no_worker(tmp_path: Path):
     """The workers, busy mid-shard, die with the main process (their shards would take seconds more)."""
     process, out = _slow_job(tmp_path)
-    workers = _children(process.pid)
+    workers = children(process.pid)
     assert len(workers) >= 2
     process.kill()
     process.wait()
-    deadline = time.monotonic() + 3
-    while any(map(_running, workers)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(map(_running, workers)), "a worker outlived the main process"
+    assert not any_running(workers), "a worker outlived the main process"
 
 
 def test_shard_bytes_bounds_each_shard(tmp_path: Path):

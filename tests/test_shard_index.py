@@ -8,8 +8,10 @@ import hashlib
 import http.server
 import io
 import json
+import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
+from processes import any_running, children
 from sklearn.datasets import load_digits
 
 from vmoe_cli.cli import main
@@ -308,3 +311,20 @@ def test_shard_info_divides_only_the_train_split_by_shard(index: Path):
     assert shard_info(index, ranks=2, workers=8, train_split="test")["problems"][0].startswith("test: 2 shards")
     result = invoke("shard-info", str(index), "--ranks", "2", "--workers", "3")
     assert result.exit_code == 0 and result.stderr == "" and "8 shards present with the right sizes" in result.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the workers in /proc")
+def test_kill_9_of_shard_index_leaves_no_worker(tars: Path, tmp_path: Path):
+    """The scanning workers, each waiting on a slow `pipe:` shard, die with the main process."""
+    slow = [f"pipe:touch {tmp_path}/started-{i}; sleep 60; cat {tars}/test-00000{i}.tar" for i in (0, 1)]
+    args = ["shard-index", *slow, "--split", "test", "--out", str(tmp_path / "index"), "--workers", "2"]
+    process = subprocess.Popen([sys.executable, "-c", "from vmoe_cli.cli import main; main()", *args])
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(tmp_path.glob("started-*"))) == 2, "both workers scanning"
+    workers = children(process.pid)
+    assert len(workers) >= 2
+    process.kill()
+    process.wait()
+    assert not any_running(workers), "a worker outlived the main process"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import multiprocessing
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 from vmoe_cli.atomic import write_text_atomic
 from vmoe_cli.data import tars
 from vmoe_cli.data.manifest import INDEX_FORMAT, MANIFEST, STATE_DIR, sign_index
+from vmoe_cli.data.workers import spawn_pool
 from vmoe_cli.errors import VmoeError
 
 SPLIT_WORDS = ("train", "val", "validation", "test", "minival")  # split names recognised in shard names
@@ -117,7 +117,7 @@ def _scan_all(
     scan = functools.partial(scan_shard, label_key=options.label_key, sha256=options.sha256)
     workers = max(1, min(workers, len(locations)))
     records = []
-    with multiprocessing.Pool(workers) if workers > 1 else _InProcess() as pool:
+    with spawn_pool(workers) if workers > 1 else _InProcess() as pool:
         for record in pool.imap(scan, locations):
             records.append(record)
             if progress is not None:

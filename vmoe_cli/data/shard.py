@@ -24,7 +24,6 @@ spawned (they inherit nothing of the listing) and die with the main process, kil
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import io
@@ -33,8 +32,6 @@ import multiprocessing
 import os
 import queue
 import shutil
-import signal
-import sys
 import tarfile
 import tempfile
 from collections import Counter
@@ -51,6 +48,7 @@ from vmoe_cli.data.pixels import UnsupportedImage, is_plain, to_8bit
 from vmoe_cli.data.plan import SPLITS, Plan, ProgressFn, ShardOptions, build_plan, load_plan
 from vmoe_cli.data.sources import ArrayItem, Item, Source, open_source
 from vmoe_cli.data.validate import BadImage, check_kept, decode, open_image
+from vmoe_cli.data.workers import exit_if_orphaned, spawn_pool
 from vmoe_cli.errors import VmoeError
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> extension whose bytes we keep
@@ -58,7 +56,6 @@ EVAL_TEST_FRACTION = 0.2  # test hold-out when an evaluation command shards a so
 TICK_EVERY = 64  # samples between progress reports from a shard task
 RERUN = "free space or fix the folder, then rerun the same command (finished shards are kept)"
 ANOTHER = "pass --overwrite or another --out"
-PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -428,27 +425,16 @@ _worker: tuple[_Writer, Any, int] | None = None  # in a pool worker: the writer,
 
 
 def _start_worker(parent: int, writer: _Writer, progress_queue: Any) -> None:
-    """Pool worker setup: die with the parent; Ctrl-C is the parent's to handle (it terminates the pool)."""
+    """Pool worker setup: keep the writer and the queue for every task."""
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # the kernel kills us when the parent dies, kill -9 too
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    _exit_if_orphaned(parent)  # it died before that was armed
     _worker = (writer, progress_queue, parent)
-
-
-def _exit_if_orphaned(parent: int) -> None:
-    """Exit at once when the main process is gone (the check behind the parent-death signal, and where none exists)."""
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _pool_write_shard(task: ShardTask) -> dict[str, Any]:
     writer, progress_queue, parent = _worker
 
     def tick(n: int) -> None:
-        _exit_if_orphaned(parent)
+        exit_if_orphaned(parent)
         progress_queue.put(n)
 
     return _write_shard(task, writer, tick)
@@ -461,12 +447,11 @@ def _run_pool(
     and a task is a shard's bounds, so no rows or images go through pipes (a big task in flight can hang
     Pool.terminate on Ctrl-C). Spawned, not forked: nothing of this process's memory is copied, and a thread
     (the caller's progress display) running at that moment is harmless."""
-    ctx = multiprocessing.get_context("spawn")
-    progress_queue = ctx.Queue()
+    progress_queue = multiprocessing.get_context("spawn").Queue()
     records = {}
     try:
         setup = (os.getpid(), writer, progress_queue)
-        with ctx.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=setup) as pool:
+        with spawn_pool(min(workers, len(tasks)), _start_worker, setup) as pool:
             report(0)
             pending = [pool.apply_async(_pool_write_shard, (task,)) for task in tasks]
             while pending:
