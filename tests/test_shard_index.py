@@ -26,6 +26,7 @@ from sklearn.datasets import load_digits
 
 from vmoe_cli.cli import main
 from vmoe_cli.config import load_recipe
+from vmoe_cli.data import tars as tars_module
 from vmoe_cli.data.config import DataConfig
 from vmoe_cli.data.index import IndexOptions, index_shards, split_of
 from vmoe_cli.data.loader import build_loader
@@ -92,6 +93,70 @@ def server(tars: Path) -> str:
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
+
+
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the tars folder as /MODE/NAME, failing on purpose. busy: HTTP 503 to the first 2 requests;
+    cut: each response stops after 5,000 bytes (Range requests honoured); cut-norange: the same, Range ignored;
+    down: HTTP 503 to every request."""
+
+    requests: Counter = Counter()
+
+    def do_GET(self) -> None:
+        _, mode, name = self.path.split("/", 2)
+        self.requests[mode] += 1
+        if mode == "down" or (mode == "busy" and self.requests[mode] <= 2):
+            self.send_error(503)
+            return
+        data = (Path(self.server.root) / name).read_bytes()
+        wanted = self.headers.get("Range")
+        start = int(wanted.removeprefix("bytes=").rstrip("-")) if wanted and mode != "cut-norange" else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        self.wfile.write(data[start:] if mode == "busy" else data[start : start + 5000])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky(tars: Path, monkeypatch) -> str:
+    monkeypatch.setattr(tars_module, "HTTP_WAIT_S", 0.001)
+    FlakyHandler.requests.clear()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    httpd.root = str(tars)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_http_retries_passing_errors_and_resumes_cut_bodies(tars: Path, index: Path, flaky: str, tmp_path: Path):
+    """Through a server that answers 503 twice, then one that cuts every body after 5,000 bytes: the same index
+    as the local files (sha256 of every byte), by Range requests from where each cut stopped."""
+    result = invoke(
+        "shard-index", f"{flaky}/busy/test-000000.tar", f"{flaky}/cut/test-000001.tar", "--out", str(tmp_path),
+        "--workers", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    local = read_manifest(index)["splits"]["test"]["shards"]
+    remote = read_manifest(tmp_path)["splits"]["test"]["shards"]
+    assert [(s["count"], s["bytes"], s["sha256"]) for s in remote] == [
+        (s["count"], s["bytes"], s["sha256"]) for s in local
+    ]
+    assert FlakyHandler.requests["busy"] == 3 and FlakyHandler.requests["cut"] > local[1]["bytes"] // 5000
+
+
+def test_http_failures_that_last_are_one_line(flaky: str, tmp_path: Path):
+    for mode, message in (
+        ("down", f"{flaky}/down/test-000000.tar: cannot connect (HTTP 503 Service Unavailable), 6 tries"),
+        ("cut-norange", "the connection broke after 5,000 bytes and the server cannot resume it"),
+    ):
+        result = invoke("shard-index", f"{flaky}/{mode}/test-000000.tar", "--out", str(tmp_path), "--workers", "1")
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
+    assert FlakyHandler.requests["down"] == tars_module.HTTP_TRIES
 
 
 def webdataset_samples(urls: list[str]) -> list[tuple[np.ndarray, int]]:

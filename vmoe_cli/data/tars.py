@@ -1,9 +1,10 @@
 """WebDataset tars wherever they are: shard locations, brace patterns, one forward byte stream per location, and
 the samples of that stream as the loader and `vmoe shard-index` both read them.
 
-A location is a local path (or `file://`), an `http(s)://` URL (read with urllib), a `pipe:COMMAND` whose
-standard output is the tar (the command runs in a shell, as in webdataset), or any other `scheme://` URL read
-through fsspec when it and the scheme's backend (s3fs for `s3://`, gcsfs for `gs://`) are installed. Nothing
+A location is a local path (or `file://`), an `http(s)://` URL (read with urllib; failures that may pass are
+tried again, see `_Http`), a `pipe:COMMAND` whose standard output is the tar (the command runs in a shell, as in
+webdataset), or any other `scheme://` URL read through fsspec when it and the scheme's backend (s3fs for
+`s3://`, gcsfs for `gs://`) are installed. Nothing
 is read whole into memory: tarfile's stream mode reads one member after another. Samples are grouped by
 webdataset's own functions, so the samples an index counts are those the loader and stock webdataset read.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import subprocess
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,7 +33,10 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from vmoe_cli.errors import VmoeError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
-HTTP_TIMEOUT_S = 60.0  # a stalled server is an error after this long, not a hang
+HTTP_TIMEOUT_S = 60.0  # a stalled server is a failed try after this long, not a hang
+HTTP_TRIES = 6  # tries in a row without a byte read before an HTTP failure is an error
+HTTP_WAIT_S = 1.0  # the wait after the first failed try, doubled after each next one (31 s over 6 tries)
+HTTP_PASSING = (408, 425, 429, 500, 502, 503, 504)  # statuses tried again: the server may answer next time
 CHUNK = 1 << 20
 
 
@@ -99,7 +105,7 @@ def open_stream(location: str, hashed: bool = False) -> Iterator[Stream]:
             yield stream
         return
     if kind in ("http", "https"):
-        raw = _http(location)
+        raw = _Http(location)
     elif kind:
         raw = _fsspec(location, kind)
     else:
@@ -111,13 +117,79 @@ def open_stream(location: str, hashed: bool = False) -> Iterator[Stream]:
         yield Stream(raw, hashed)
 
 
-def _http(url: str) -> Any:
-    try:
-        return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        raise VmoeError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise VmoeError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+class _Http:
+    """The body of an HTTP(S) URL, read forward. A failed connection, a timeout, a connection cut mid-body or a
+    passing server error (HTTP 408, 429, 5xx) is tried again up to `HTTP_TRIES` times in a row, waiting
+    `HTTP_WAIT_S` and then twice as long each time; a body cut short resumes where it stopped with a Range
+    request. A shard read for hours thus survives a server or network hiccup, and fails with one line when the
+    failure lasts."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.offset = 0  # bytes of the body read so far
+        self.failures = 0  # in a row, since the last byte read
+        self.response: Any = None
+        self.response = self._connected()
+
+    def read(self, size: int = CHUNK) -> bytes:
+        while True:
+            try:
+                if self.response is None:
+                    self.response = self._open()
+                data = self.response.read(size)
+                if not data and size and self.response.length:  # urllib's read returns b"" on a cut body
+                    raise http.client.IncompleteRead(b"", self.response.length)
+            except (OSError, http.client.HTTPException) as e:
+                self._wait_after(e)
+                continue
+            self.failures = 0
+            self.offset += len(data)
+            return data
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
+
+    def __enter__(self) -> _Http:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _connected(self) -> Any:
+        while True:
+            try:
+                return self._open()
+            except OSError as e:
+                self._wait_after(e)
+
+    def _open(self) -> Any:
+        """A response for the body from `offset` on; OSError for what may pass, VmoeError for what will not."""
+        headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            if e.code in HTTP_PASSING:
+                raise ConnectionError(f"HTTP {e.code} {e.reason}") from None
+            raise VmoeError(f"{self.url}: HTTP {e.code} {e.reason}") from None
+        if self.offset and response.status != 206:
+            response.close()
+            raise VmoeError(
+                f"{self.url}: the connection broke after {self.offset:,} bytes and the server cannot resume it "
+                "(it ignores Range requests); read the shard again, or copy it nearer"
+            )
+        return response
+
+    def _wait_after(self, error: Exception) -> None:
+        """Close the broken response and wait before the next try, or fail with one line after the last."""
+        self.close()
+        self.response = None
+        self.failures += 1
+        if self.failures >= HTTP_TRIES:
+            reason = getattr(error, "reason", None) or error or type(error).__name__
+            where = f"connection lost after {self.offset:,} bytes" if self.offset else "cannot connect"
+            raise VmoeError(f"{self.url}: {where} ({reason}), {HTTP_TRIES} tries") from None
+        time.sleep(HTTP_WAIT_S * 2 ** (self.failures - 1))
 
 
 @contextlib.contextmanager
