@@ -28,8 +28,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from vmoe_cli.data.augment import AugmentConfig
-from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.config import AugmentConfig, DataConfig
 from vmoe_cli.data.loader import build_loader
 from vmoe_cli.data.manifest import FORMAT, MANIFEST, read_manifest
 from vmoe_cli.data.plan import build_plan

@@ -32,8 +32,7 @@ import webdataset as wds
 from bench_shard_keep import make_folder  # scripts/ is on sys.path when this file is run
 from PIL import Image
 
-from vmoe_cli.data.augment import AugmentConfig
-from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.config import AugmentConfig, DataConfig
 from vmoe_cli.data.loader import build_loader
 from vmoe_cli.data.shard import ShardOptions, write_shards
 from vmoe_cli.data.sources import open_source

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vmoe_cli.cli import main
-from vmoe_cli.data.augment import OPS, AugmentConfig, augment_image, eval_view, mixup
-from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.augment import OPS, augment_image, eval_view, mixup
+from vmoe_cli.data.config import AugmentConfig, DataConfig
 from vmoe_cli.data.loader import DECODED, build_loader, decode_image
 from vmoe_cli.data.manifest import read_manifest
 from vmoe_cli.errors import VmoeError

@@ -14,39 +14,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from vmoe_cli.errors import VmoeError
+from vmoe_cli.data.config import AugmentConfig
 
 FILL = 128  # grey for the corners uncovered by geometric ops, as big_vision uses
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation of a recipe; the defaults turn everything off."""
-
-    crop_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random-resized crop area range; [1, 1] = off
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # aspect-ratio range of the crop
-    flip: bool = False  # random horizontal flip with probability 0.5
-    randaugment_ops: int = 0  # RandAugment N: ops applied per image; 0 = off
-    randaugment_magnitude: int = 10  # RandAugment M on the 0-10 scale (see the module docstring)
-    mixup: float = 0.0  # mixup alpha (Beta(alpha, alpha) mixing weight per batch); 0 = off
-
-    def validate(self) -> None:
-        """Raise VmoeError naming the field when a value is impossible."""
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise VmoeError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        lo, hi = self.crop_ratio
-        if not 0 < lo <= hi:
-            raise VmoeError(f"augment.crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
-        if self.randaugment_ops < 0 or self.randaugment_magnitude < 0:
-            raise VmoeError("augment.randaugment_ops and augment.randaugment_magnitude must be >= 0")
-        if self.mixup < 0:
-            raise VmoeError(f"augment.mixup must be >= 0, got {self.mixup}")
 
 
 def augment_image(img: Image.Image, size: int, cfg: AugmentConfig, rng: random.Random) -> Image.Image:

@@ -51,8 +51,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vmoe_cli.data import tars
-from vmoe_cli.data.augment import AugmentConfig, augment_image, eval_view
-from vmoe_cli.data.config import DataConfig
+from vmoe_cli.data.augment import augment_image, eval_view
+from vmoe_cli.data.config import AugmentConfig, DataConfig
 from vmoe_cli.data.manifest import MANIFEST, read_manifest, remedy, shard_location
 from vmoe_cli.errors import VmoeError
 from vmoe_cli.progress import ProgressFn

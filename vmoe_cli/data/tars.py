@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from vmoe_cli.errors import VmoeError
 
@@ -257,6 +256,8 @@ def samples(stream: Stream, location: str, label_key: str | None, remedy: str) -
     image, label and (with `label_key`) json members are read; other members are skipped unread. A sample without
     an image or a label is a one-line VmoeError ending with `remedy`, as is a stream that is not a tar.
     """
+    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander  # imports torch: only here
+
     wanted = {*IMAGE_EXTS, "json" if label_key else "cls"}
 
     def select(name: str) -> bool:
