@@ -393,3 +393,31 @@ def test_kill_9_of_shard_index_leaves_no_worker(tars: Path, tmp_path: Path):
     process.kill()
     process.wait()
     assert not any_running(workers), "a worker outlived the main process"
+
+
+def test_an_interrupted_index_is_finished_scanning_only_what_it_lacks(tars: Path, index: Path, tmp_path: Path):
+    """A run stopped by a failing shard keeps the records of those it scanned; the rerun scans only the rest and
+    writes the same index as one uninterrupted run, then removes its records. A record edited by hand (or by
+    anyone without the user's key) is not believed: that shard is scanned again."""
+    counter = tmp_path / "scans"
+    counted = f"pipe:echo >> {counter}; cat {tars}/test-000000.tar"
+    out, options = tmp_path / "index", IndexOptions(split="test")
+    with pytest.raises(VmoeError, match="exited with status 3"):
+        index_shards([counted, "pipe:exit 3"], out, options)
+    assert counter.read_text().count("\n") == 1 and not (out / "manifest.json").exists()
+    said = []
+    manifest = index_shards([counted, str(tars / "test-000001.tar")], out, options, say=said.append)
+    assert said == ["resuming: 1 of 2 shards already indexed"] and counter.read_text().count("\n") == 1
+    local = read_manifest(index)["splits"]["test"]
+    assert manifest["splits"]["test"]["class_counts"] == local["class_counts"]
+    assert [s["sha256"] for s in manifest["splits"]["test"]["shards"]] == [s["sha256"] for s in local["shards"]]
+    assert not (out / ".vmoe-index").exists()
+
+    with pytest.raises(VmoeError):
+        index_shards([counted, "pipe:exit 3"], tmp_path / "again", options)
+    (record,) = (tmp_path / "again" / ".vmoe-index").glob("*.json")
+    kept = json.loads(record.read_text())
+    kept["record"]["count"], kept["record"]["labels"] = 999, {"0": 999}
+    record.write_text(json.dumps(kept))
+    manifest = index_shards([counted], tmp_path / "again", options, say=said.append)
+    assert manifest["splits"]["test"]["count"] == 50 and counter.read_text().count("\n") == 3

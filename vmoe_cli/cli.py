@@ -197,7 +197,8 @@ def shard_index(shards: tuple[str, ...], out_dir: Path, split: str | None, label
     SHARDS are paths, brace patterns (train-{000000..000099}.tar), http(s):// URLs, pipe:COMMAND (the tar on the
     command's stdout) or URLs fsspec reads (s3://, gs://, with fsspec and its backend installed). Each shard is
     streamed once; nothing is copied. The index is signed with your key (~/.config/vmoe/index.key), as it may
-    name any file or command: vmoe reads only indexes its user made.
+    name any file or command: vmoe reads only indexes its user made. Rerunning an interrupted command scans only
+    the shards it had not finished.
 
     \b
     Example:
@@ -209,8 +210,12 @@ def shard_index(shards: tuple[str, ...], out_dir: Path, split: str | None, label
     names = _class_names(class_names) if class_names else None
     options = IndexOptions(split=split, label_key=label_key, class_names=names, sha256=sha256)
     start = time.perf_counter()
-    with _progress_bar() as show:
-        manifest = index_shards(shards, out_dir, options, workers=workers, progress=show)
+    try:
+        with Display() as display:
+            manifest = index_shards(shards, out_dir, options, workers=workers, progress=display, say=display.echo)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to finish the index", err=True)
+        raise SystemExit(130) from None
     seconds = time.perf_counter() - start
     _console().print(_splits_table(f"index: {out_dir}", manifest))
     images = sum(info["count"] for info in manifest["splits"].values())

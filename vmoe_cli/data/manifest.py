@@ -131,12 +131,17 @@ def _index_key(create: bool) -> bytes | None:
         return None
 
 
+def signed_by_this_user(document: dict[str, Any]) -> bool:
+    """Whether `document`'s `signature` is this user's key's signature of the rest of it."""
+    key, given = _index_key(create=False), document.get("signature")
+    unsigned = {k: v for k, v in document.items() if k != "signature"}
+    return key is not None and isinstance(given, str) and hmac.compare_digest(given, _signature(unsigned, key))
+
+
 def _check_index(path: Path, manifest: dict[str, Any]) -> None:
     """An index is read only when this user's key signed it (it may name any file or command), and its label key
     is a string or null."""
-    key, given = _index_key(create=False), manifest.get("signature")
-    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
-    if key is None or not isinstance(given, str) or not hmac.compare_digest(given, _signature(unsigned, key)):
+    if not signed_by_this_user(manifest):
         raise VmoeError(
             f"{path}: an index not made by this user's `vmoe shard-index` (its signature does not match "
             f"{index_key_file()}); an index may name any file or command, so re-create it with `vmoe shard-index`"
