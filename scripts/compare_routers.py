@@ -6,7 +6,8 @@ expert slots per image, and each seed: pre-train for --steps steps (the recipe's
 measure test top-1, 10-shot ridge top-1 on the frozen features, images/s of the forward pass (median and range over
 repeats) and analytic GFLOPs per image. The table gives mean and standard error over seeds; the differences between
 routers are taken seed by seed (the same seed gives the same data order), so the shared part of the noise cancels.
-Finished runs are reused, so an interrupted comparison picks up where it stopped.
+Finished runs and their measurements are reused, so an interrupted comparison picks up where it stopped, and a
+finished one prints its tables and draws its figure again in seconds.
 
     python scripts/compare_routers.py --shards shards/fmnist --steps 800 --seeds 0,1,2 --figure docs/compare-routers.png
 """
@@ -85,7 +86,10 @@ def train_or_reuse(name: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def measure(record: dict, args: argparse.Namespace) -> dict:
-    """10-shot top-1, images/s (median and range over repeats) and GFLOPs of a trained run."""
+    """10-shot top-1, images/s (median and range over repeats) and GFLOPs of a trained run, kept in its record
+    (a run measured once is not measured again)."""
+    if "images_per_s" in record:
+        return record
     run = run_dir(record["name"], record["seed"], args)
     fewshot = run_fewshot(load_backbone(str(run)), [str(args.shards)], [10], seeds=3, cache_dir=args.cache_dir)
     record["fewshot10_top1"] = fewshot["datasets"][str(args.shards)]["summary"][10]["mean"]
@@ -94,6 +98,7 @@ def measure(record: dict, args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         record.update(time_forward(opened.model, images, SweepOptions(repeats=args.repeats)))
     record["gflops"] = flops_per_image(opened.model.cfg, args.batch) / 1e9
+    (run / "compare.json").write_text(json.dumps(record))
     return record
 
 
@@ -116,13 +121,18 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def paired_difference(summary: dict[str, dict], better: str, worse: str, key: str) -> tuple[float, float, int]:
-    """Mean and standard error of `better - worse` over the seeds both ran, and how many seeds that is."""
+def paired_differences(summary: dict[str, dict], better: str, worse: str, key: str) -> list[float]:
+    """`better - worse` in `key`, seed by seed, over the seeds both ran."""
     a, b = summary[better], summary[worse]
     seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
-    diffs = [a[key][a["seeds"].index(s)] - b[key][b["seeds"].index(s)] for s in seeds]
-    mean, error = mean_and_error(diffs) if diffs else (math.nan, math.nan)
-    return mean, error, len(diffs)
+    return [a[key][a["seeds"].index(s)] - b[key][b["seeds"].index(s)] for s in seeds]
+
+
+def one_sided_p(diffs: list[float]) -> float:
+    """p-value of a one-sided paired t-test that the mean difference is above 0 (nan below 2 seeds)."""
+    from scipy.stats import ttest_1samp
+
+    return float(ttest_1samp(diffs, 0.0, alternative="greater").pvalue) if len(diffs) > 1 else math.nan
 
 
 def table(summary: dict[str, dict]) -> str:
@@ -139,15 +149,21 @@ def table(summary: dict[str, dict]) -> str:
 
 
 def claims(summary: dict[str, dict]) -> str:
-    """Each ordering of the papers: the paired difference in test top-1 and in 10-shot, in points."""
-    lines = ["| claim | test top-1 difference | 10-shot difference | seeds |", "|---|---:|---:|---:|"]
+    """Each ordering of the papers: the paired difference (mean +- standard error, in points) in test top-1 and
+    in 10-shot, the seeds where it holds, and the one-sided paired t-test's p-value."""
+    lines = ["| claim | test top-1 difference | holds in | p | 10-shot difference | holds in | p |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for better, worse in CLAIMS:
         if better not in summary or worse not in summary:
             continue
-        top1, top1_err, n = paired_difference(summary, better, worse, "test_top1")
-        shot, shot_err, _ = paired_difference(summary, better, worse, "fewshot10_top1")
-        lines.append(f"| {better} > {worse} | {100 * top1:+.2f} ± {100 * top1_err:.2f} | "
-                     f"{100 * shot:+.1f} ± {100 * shot_err:.1f} | {n} |")  # fmt: skip
+        cells = [f"{better} > {worse}"]
+        for key, digits in (("test_top1", 2), ("fewshot10_top1", 1)):
+            diffs = paired_differences(summary, better, worse, key)
+            mean, error = mean_and_error(diffs) if diffs else (math.nan, math.nan)
+            holds = sum(d > 0 for d in diffs)
+            cells += [f"{100 * mean:+.{digits}f} ± {100 * error:.{digits}f}", f"{holds}/{len(diffs)}",
+                      f"{one_sided_p(diffs):.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
