@@ -9,9 +9,8 @@ listing again. Planning is a single process (no worker is started), so its peak 
 Memory grows with the rows only from the last chunk of rows parsed on (a fixed 16,384 rows), so the 14-million
 figure is extrapolated from the two largest runs.
 
-With --library the child calls `write_shards(..., plan_only=True)` instead of the command: the `vmoe` command
-starts at about 230 MiB, most of it torch, which `vmoe_cli.config` imports for every command; the library alone
-starts at about 40 MiB.
+With --library the child calls `write_shards(..., plan_only=True)` instead of the command, leaving out the
+command's own start-up (click, rich and the command table).
 
 Usage:  python scripts/bench_shard_plan.py --rows 1000000 [--rows 5000000] [--classes 21843] [--minival 0.01]
                                            [--library]
