@@ -424,10 +424,10 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 _worker: tuple[_Writer, Any, int] | None = None  # in a pool worker: the writer, the progress queue, the parent's pid
 
 
-def _start_worker(parent: int, writer: _Writer, progress_queue: Any) -> None:
-    """Pool worker setup: keep the writer and the queue for every task."""
+def _start_worker(writer: _Writer, progress_queue: Any) -> None:
+    """Pool worker setup: keep the writer, the queue and the main process's pid (checked alive) for every task."""
     global _worker
-    _worker = (writer, progress_queue, parent)
+    _worker = (writer, progress_queue, os.getppid())
 
 
 def _pool_write_shard(task: ShardTask) -> dict[str, Any]:
@@ -450,8 +450,7 @@ def _run_pool(
     progress_queue = multiprocessing.get_context("spawn").Queue()
     records = {}
     try:
-        setup = (os.getpid(), writer, progress_queue)
-        with spawn_pool(min(workers, len(tasks)), _start_worker, setup) as pool:
+        with spawn_pool(min(workers, len(tasks)), _start_worker, (writer, progress_queue)) as pool:
             report(0)
             pending = [pool.apply_async(_pool_write_shard, (task,)) for task in tasks]
             while pending:

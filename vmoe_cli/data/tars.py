@@ -128,7 +128,7 @@ class _Http:
         self.offset = 0  # bytes of the body read so far
         self.failures = 0  # in a row, since the last byte read
         self.response: Any = None
-        self.response = self._connected()
+        self.read(0)  # connect now, with the same tries as every read
 
     def read(self, size: int = CHUNK) -> bytes:
         while True:
@@ -155,13 +155,6 @@ class _Http:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _connected(self) -> Any:
-        while True:
-            try:
-                return self._open()
-            except OSError as e:
-                self._wait_after(e)
-
     def _open(self) -> Any:
         """A response for the body from `offset` on; OSError for what may pass, VmoeError for what will not."""
         headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
@@ -185,7 +178,7 @@ class _Http:
         self.response = None
         self.failures += 1
         if self.failures >= HTTP_TRIES:
-            reason = getattr(error, "reason", None) or error or type(error).__name__
+            reason = getattr(error, "reason", None) or str(error) or type(error).__name__
             where = f"connection lost after {self.offset:,} bytes" if self.offset else "cannot connect"
             raise VmoeError(f"{self.url}: {where} ({reason}), {HTTP_TRIES} tries") from None
         time.sleep(HTTP_WAIT_S * 2 ** (self.failures - 1))
