@@ -28,6 +28,7 @@ from vmoe_cli.config import load_recipe
 from vmoe_cli.eval.fewshot import load_backbone
 from vmoe_cli.eval.flops import flops_per_image
 from vmoe_cli.eval.opening import eval_loader, open_checkpoint
+from vmoe_cli.eval.plots import pyplot
 from vmoe_cli.eval.probe import run_fewshot
 from vmoe_cli.eval.sweep import SweepOptions, time_forward
 from vmoe_cli.train.loop import pretrain
@@ -169,11 +170,7 @@ def claims(summary: dict[str, dict]) -> str:
 
 def figure(summary: dict[str, dict], path: Path) -> None:
     """Top-1 and 10-shot against GFLOPs and against images/s; one marker per router (readable in grey)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     markers = "os^vDP*Xph"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for i, (name, s) in enumerate(summary.items()):
